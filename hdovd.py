@@ -1,0 +1,236 @@
+"""HD-OVD: a detector, the CLIP class texts and the three distillation hierarchies, joined.
+
+References: METHOD.md §1 (overview), §3.2 (novel-class-aware classification), §4–§6 (losses and
+weights), §7 (Faster R-CNN variant and its inference ensemble); official
+`mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`.
+
+Contract (DETR's three-way split)
+---------------------------------
+* ``build_hdovd(cfg, class_embeddings=None) -> HDOVD``. ``class_embeddings`` [C_all, D] are the
+  prompt-ensembled CLIP text embeddings of ``cfg.data.base_classes + cfg.data.novel_classes``
+  (default: read from ``<data.root>/<data.knowledge_dir>/class_embeddings.pt``, written by
+  teacher.py). They are a buffer, so a checkpoint is self-contained.
+* ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
+  numbers for logging only). ``images``: list of [3, H, W] normalised tensors; ``targets``: data.py
+  dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge`` with ``gt_emb``,
+  ``image_emb``, ``pseudo_boxes``, ``pseudo_img_emb``, ``pseudo_txt_emb``, ``pseudo_weight``).
+  ``loss_weights(cfg)`` gives the weights; the training loop sums ``w[k] * losses[k]``.
+* ``model.detect(images, text_embeddings=None, num_base_classes=None) -> list[dict]`` with
+  ``boxes`` [N, 4] xyxy in the input (resized) frame, ``scores`` [N], ``labels`` [N] in 0..C-1,
+  N ≤ ``inference.max_detections``. Any vocabulary: pass its text embeddings [C, D]; classes with
+  index ≥ ``num_base_classes`` are treated as novel in the ensemble.
+
+Hierarchy switches (``cfg.distill``): ``instance`` (H1), ``class_wise`` (H2 classification with
+pseudo boxes), ``text_space`` (H2 text-space distillation), ``image`` (H3). With all off the model
+is the base-only baseline: no pseudo boxes anywhere, CLIP text classifier only.
+
+Deviations
+* Pseudo boxes are used by the RPN whenever H1 or H2 is on (official: tied to `use_pseudo_box`).
+  With H1 on and H2 off they are RoI targets with classification weight 0 (ignored, neither a
+  class nor background), so that H1 can pool their RoIs.
+* The visual-embedding ensemble of §7 is applied only when H1 trained that embedding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, remove_small_boxes
+
+import detector as detector_lib
+from distill import (ImageDistiller, InstanceDistiller, TextSpaceDistiller,
+                     weighted_classification_loss)
+
+
+class HDOVD(nn.Module):
+    def __init__(self, detector: detector_lib.FasterRCNNOV, classifier: detector_lib.OpenVocabClassifier,
+                 class_embeddings: torch.Tensor, num_base_classes: int,
+                 instance: InstanceDistiller | None, image: ImageDistiller | None,
+                 text_space: TextSpaceDistiller | None, class_wise: bool, max_pseudo_boxes: int,
+                 pseudo_min_side: float, inference: dict):
+        super().__init__()
+        self.detector, self.classifier = detector, classifier
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        self.num_base_classes = num_base_classes
+        self.instance, self.image, self.text_space = instance, image, text_space
+        self.class_wise = class_wise
+        self.use_pseudo = class_wise or instance is not None or text_space is not None
+        self.max_pseudo_boxes, self.pseudo_min_side = max_pseudo_boxes, pseudo_min_side
+        self.inference = inference
+
+    # -- targets -------------------------------------------------------------------------------
+    def select_pseudo(self, knowledge: dict) -> torch.Tensor:
+        """Indices of the usable pseudo boxes: both sides > min side, file order, at most N (§2.4)."""
+        boxes = knowledge["pseudo_boxes"]
+        wh = boxes[:, 2:] - boxes[:, :2]  # (P, 2)
+        keep = torch.where((wh > self.pseudo_min_side).all(dim=1))[0]
+        return keep[: self.max_pseudo_boxes]
+
+    def make_targets(self, targets: list[dict]):
+        """Split data.py targets into RPN targets, RoI targets and the paired CLIP teachers."""
+        nb = self.num_base_classes
+        rpn_t, roi_t, teachers, pseudo_texts = [], [], [], []
+        for t in targets:
+            boxes, dev = t["boxes"], t["boxes"].device
+            know = t.get("knowledge")
+            if self.use_pseudo and know is None:
+                raise ValueError(f"image {t.get('image_id')}: a hierarchy needs offline CLIP knowledge "
+                                 f"but the sample has none; build it with "
+                                 f"`python teacher.py --config config.yaml`")
+            p_idx = self.select_pseudo(know) if self.use_pseudo else torch.zeros(0, dtype=torch.long)
+            p_boxes = know["pseudo_boxes"][p_idx] if self.use_pseudo else boxes.new_zeros(0, 4)
+            first_pseudo_label = nb + sum(len(p) for p in pseudo_texts)  # batch-wide pseudo classes
+            p_labels = first_pseudo_label + torch.arange(len(p_idx), device=dev)
+            p_weight = (know["pseudo_weight"][p_idx] if (self.use_pseudo and self.class_wise)
+                        else torch.zeros(len(p_idx), device=dev))
+            rpn_t.append({"boxes": torch.cat([boxes, p_boxes])})
+            roi_t.append({
+                "boxes": torch.cat([boxes, p_boxes]),
+                "labels": torch.cat([t["labels"], p_labels]),
+                "cls_weight": torch.cat([torch.ones(len(boxes), device=dev), p_weight]),
+                "regress": torch.cat([torch.ones(len(boxes), dtype=torch.bool, device=dev),
+                                      torch.zeros(len(p_idx), dtype=torch.bool, device=dev)]),
+            })
+            if self.use_pseudo:
+                teachers.append(torch.cat([know["gt_emb"], know["pseudo_img_emb"][p_idx]]))
+                pseudo_texts.append(know["pseudo_txt_emb"][p_idx])
+        return rpn_t, roi_t, teachers, pseudo_texts
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict:
+        nb = self.num_base_classes
+        rpn_t, roi_t, teachers, pseudo_texts = self.make_targets(targets)
+        out = self.detector(images, rpn_t, roi_t)
+        losses = {"loss_rpn_objectness": out["loss_rpn_objectness"], "loss_rpn_box": out["loss_rpn_box"]}
+
+        # Classification over [base texts; pseudo noun texts of the batch (H2); background] (§3.2, §7)
+        base_text = self.class_embeddings[:nb]
+        text = torch.cat([base_text] + pseudo_texts) if self.class_wise else base_text
+        logits = self.classifier(out["roi_text_emb"], text)  # (R, C' + 1)
+        labels, weights = out["roi_labels"].clone(), out["roi_cls_weight"]
+        labels[labels < 0] = len(text)  # background column
+        labels[labels > len(text)] = len(text)  # pseudo labels when H2 is off carry weight 0
+        losses["loss_cls"] = weighted_classification_loss(logits, labels, weights)
+
+        # Class-agnostic box regression, base GT positives only; L1, mean over sampled RoIs (§7)
+        reg = out["roi_regress"]
+        losses["loss_box"] = (F.l1_loss(out["roi_deltas"][reg], out["roi_reg_targets"][reg],
+                                        reduction="sum") / max(len(reg), 1))
+
+        if self.instance is not None:  # H1: mean visual embedding of each target's positive RoIs
+            losses.update(self.instance(*self.pool_instance_pairs(out, teachers)))
+        if self.text_space is not None:
+            losses.update(self.text_space_losses(out, pseudo_texts, roi_t))
+        if self.image is not None:  # H3
+            teacher_img = torch.stack([t["knowledge"]["image_emb"] for t in targets])
+            losses.update(self.image(out["image_emb"], teacher_img))
+        losses["stat_num_pseudo"] = torch.tensor(float(sum(len(p) for p in pseudo_texts)))
+        return losses
+
+    def pool_instance_pairs(self, out: dict, teachers: list[torch.Tensor]):
+        """FRCNN H1 student (METHOD §4): per target, mean of fc_vis over its positive RoIs."""
+        idx = out["roi_target_index"]
+        pos = idx >= 0
+        teacher = torch.cat(teachers)  # (T, D), batch-concatenated like roi_target_index
+        emb = F.normalize(out["roi_vis_emb"][pos].float(), dim=-1)  # (R+, D)
+        sums = emb.new_zeros(len(teacher), emb.shape[1]).index_add_(0, idx[pos], emb)  # (T, D)
+        counts = torch.bincount(idx[pos], minlength=len(teacher))
+        has = counts > 0
+        return sums[has] / counts[has, None], teacher[has]
+
+    def text_space_losses(self, out: dict, pseudo_texts: list[torch.Tensor], roi_t: list[dict]):
+        """H2 text-space distillation (§3.3) with the text-space embeddings as student rows."""
+        nb = self.num_base_classes
+        labels = out["roi_labels"]
+        base = (labels >= 0) & (labels < nb)
+        pseudo = labels >= nb
+        texts = torch.cat(pseudo_texts)  # (P_total, D)
+        weights = torch.cat([t["cls_weight"][t["labels"] >= nb] for t in roi_t])
+        return self.text_space(out["roi_text_emb"][base], labels[base], out["roi_text_emb"][pseudo],
+                               texts[labels[pseudo] - nb], weights[labels[pseudo] - nb],
+                               self.class_embeddings[:nb])
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor], text_embeddings: torch.Tensor | None = None,
+               num_base_classes: int | None = None) -> list[dict]:
+        """Detections for any vocabulary with the ViLD-style ensemble of METHOD §7."""
+        text = self.class_embeddings if text_embeddings is None else text_embeddings
+        text = F.normalize(text.to(self.class_embeddings), dim=-1)
+        nb = self.num_base_classes if num_base_classes is None else num_base_classes
+        out = self.detector(images)
+        probs = self.class_probabilities(out["roi_text_emb"], out["roi_vis_emb"], text, nb)  # (R, C)
+        per_image = probs.split([len(b) for b in out["boxes"]])
+        return [self.postprocess(b, p) for b, p in zip(out["boxes"], per_image)]
+
+    def class_probabilities(self, text_emb, vis_emb, text, num_base):
+        """``p = p1^{1−α}·p2^{α}`` per class (α base, β novel), bg from p1, renormalised (§7)."""
+        inf = self.inference
+        p1 = self.classifier(text_emb, text).float().softmax(dim=-1)  # (R, C + 1)
+        if self.instance is None:
+            return p1[:, :-1]
+        cos = F.normalize(vis_emb.float(), dim=-1) @ text.t()  # (R, C)
+        p2 = torch.sigmoid(inf["vis_scale"] * cos)
+        is_novel = torch.arange(len(text), device=text.device) >= num_base
+        alpha = torch.where(is_novel, inf["beta"], inf["alpha"])  # (C,)
+        fused = torch.cat([p1[:, :-1] ** (1 - alpha) * p2 ** alpha, p1[:, -1:]], dim=1)  # (R, C + 1)
+        return (fused / fused.sum(dim=1, keepdim=True))[:, :-1]
+
+    def postprocess(self, boxes: torch.Tensor, probs: torch.Tensor) -> dict:
+        """Score threshold, class-wise NMS and top-k over class-agnostic boxes and per-class scores."""
+        inf = self.inference
+        num_classes = probs.shape[1]
+        boxes = boxes[:, None].expand(-1, num_classes, -1).reshape(-1, 4)  # (R*C, 4)
+        labels = torch.arange(num_classes, device=probs.device).repeat(len(probs))  # (R*C,)
+        scores = probs.reshape(-1)  # (R*C,)
+        keep = torch.where(scores > inf["score_thresh"])[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = remove_small_boxes(boxes, 1e-2)  # torchvision postprocess_detections' min size
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, inf["nms_iou"])[: inf["max_detections"]]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def loss_weights(cfg) -> dict[str, float]:
+    """Weight of every loss term (``cfg.loss``; official values in config comments)."""
+    return {f"loss_{k}": float(v) for k, v in vars(cfg.loss).items()}
+
+
+def load_class_embeddings(cfg) -> torch.Tensor:
+    """Read teacher.py's ``class_embeddings.pt`` and check it lists the configured classes in order."""
+    path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
+                                f"`python teacher.py --config <your config>`")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    names = cfg.data.base_classes + cfg.data.novel_classes
+    if list(saved["class_names"]) != names:
+        raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "
+                         f"re-run teacher.py for this config")
+    return saved["embeddings"].float()
+
+
+def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
+    """Build the model described by ``cfg`` (METHOD §7 for ``model.detector == 'faster_rcnn'``)."""
+    if cfg.model.detector != "faster_rcnn":
+        raise ValueError(f"model.detector '{cfg.model.detector}' is not available; valid: faster_rcnn")
+    if class_embeddings is None:
+        class_embeddings = load_class_embeddings(cfg)
+    dim = class_embeddings.shape[1]
+    d = cfg.distill
+    nb = len(cfg.data.base_classes)
+    instance = (InstanceDistiller(dim, d.instance_queue_size, d.instance_tau, d.rkd_scale,
+                                  d.kd_temperature) if d.instance else None)
+    image = ImageDistiller(dim, d.image_queue_size, d.image_tau) if d.image else None
+    text_space = (TextSpaceDistiller(class_embeddings[:nb], d.text_tau, d.rkd_scale, d.kd_temperature)
+                  if d.text_space else None)
+    inference = {k: getattr(cfg.inference, k) for k in ("alpha", "beta", "vis_scale", "score_thresh",
+                                                         "nms_iou", "max_detections")}
+    det = detector_lib.build_faster_rcnn(cfg, dim)
+    classifier = detector_lib.OpenVocabClassifier(dim, cfg.model.tau_cls)
+    detector_lib.init_zero_logit(det.box_head.fc_cls,
+                                 torch.cat([class_embeddings[:nb], classifier.bg_embedding[None]]))
+    return HDOVD(det, classifier, class_embeddings, nb, instance, image, text_space, d.class_wise,
+                 cfg.model.max_pseudo_boxes, cfg.model.pseudo_min_side, inference)
