@@ -1,0 +1,528 @@
+"""COCO-format open-vocabulary detection data: dataset, joint transforms, offline CLIP knowledge, collate,
+and the OV-COCO (48 base / 17 novel) annotation builder.
+
+Shapes: R annotated boxes of an image, P pseudo boxes, n knowledge rows, D CLIP embedding width.
+
+Dataset contract (``OVDetectionDataset``, built from config by ``build_dataset``)
+-----------------------------------------------------------------------------
+* Any COCO-format annotation file. Categories are matched **by name** against ``class_names``
+  (base first, then novel, in config order) and remapped to contiguous labels: ``0..num_base-1`` base,
+  ``num_base..C-1`` novel. The file's own category ids may be anything (Shapes-OV 1..16, OV-COCO 0..64);
+  annotations of categories not in ``class_names`` are not loaded (METHOD 8.1: the 15 other COCO classes).
+* ``dataset[i] -> (image, target)``; ``image`` is FloatTensor[3, H, W], normalised with ``pixel_mean/std``.
+  ``target`` keys:
+    boxes    FloatTensor[R, 4]  xyxy, absolute pixels of the RESIZED (and possibly flipped) image
+    labels   LongTensor[R]      contiguous labels (base first, then novel); background is never a label
+    ann_ids  LongTensor[R]      COCO annotation id of each box
+    image_id int; orig_size LongTensor[2] (h, w) of the file; size LongTensor[2] (h, w) after resize
+    scale    float, nominal resize factor (resized / original). Boxes were scaled per axis by size/orig_size
+             (the pixel grid is rounded, as in mmdet's keep-ratio Resize), so map back with size/orig_size.
+    flipped  bool
+    knowledge  dict, only when ``knowledge_dir`` is given (below), moved with the image.
+* Box filtering (done once in ``__init__``): boxes are clipped to the image (torchvision's
+  references/detection/coco_utils.py), those with a clipped side < ``min_box_side`` original pixels are
+  dropped and counted in ``num_dropped_boxes`` (mmdet ``_parse_ann_info`` drops ``w < 1 or h < 1``);
+  ``iscrowd`` boxes are never returned (counted in ``num_crowd_boxes``): training ignores them and
+  COCOeval reads crowd regions from the GT file itself. With ``skip_images_without_base`` images with no
+  remaining base box are left out of ``ids`` (mmdet ``filter_empty_gt``).
+
+Knowledge FILE contract (written by teacher.py, read here): ``<knowledge_dir>/<image file stem>.pt``
+---------------------------------------------------------------------------------------------------
+A ``torch.save``d dict (D = CLIP embedding width, n = annotations of that image in the TRAIN file,
+P = pseudo boxes, P may be 0; all embeddings L2-normalised):
+    image_emb       (D,)     fp16     CLIP whole-image embedding
+    gt_ann_ids      (n,)     int64    COCO annotation ids, one per row of gt_emb
+    gt_emb          (n, D)   fp16     CLIP box embedding of each annotation
+    pseudo_boxes    (P, 4)   float32  xyxy in ORIGINAL image pixels
+    pseudo_img_emb  (P, D)   fp16     CLIP box embedding of each pseudo box
+    pseudo_txt_emb  (P, D)   fp16     text embedding of its caption noun
+    pseudo_weight   (P,)     float32  confidence weight w_p (METHOD 1.4)
+    pseudo_nouns    list[str]         the noun of each pseudo box (for inspection; not put in the target)
+``target["knowledge"]`` then holds float32 ``image_emb`` [D], ``gt_emb`` [R, D] (row r belongs to
+``target["boxes"][r]``, matched by annotation id), ``pseudo_boxes`` [P, 4] (same resized/flipped frame as
+``target["boxes"]``), ``pseudo_img_emb`` [P, D], ``pseudo_txt_emb`` [P, D], ``pseudo_weight`` [P].
+
+OV-COCO builder: ``python data.py ov-coco --coco-root dataset/coco [--out-dir DIR] [--force]`` (METHOD 8.2).
+
+References: METHOD.md 8.1-8.2 and 10.1/10.7; official tools/get_ov_coco_annotations.py (split, builder)
+and mmdet 2.x CocoDataset / Resize(keep_ratio) / RandomFlip; DETR datasets/transforms.py (joint transforms).
+Deviations:
+* The CLIP embeddings in ``knowledge`` are those of the unflipped image even when the image is flipped
+  (METHOD 10.7: the official code does the same); only ``pseudo_boxes`` move with the image.
+* Boxes are clipped to the image before the degenerate test (mmdet tests the raw w, h).
+* ``skip_images_without_base`` keeps an image only if it has a usable (non-crowd, non-degenerate) base
+  box; mmdet ``filter_empty_gt`` also keeps images whose only annotations are crowd.
+* The builder keeps the input's ``info``/``licenses`` entries (the official one writes only images,
+  categories and annotations), and does not write the unused ``instances_val2017.48.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from pycocotools.coco import COCO
+
+# ----------------------------------------------------------------------------------------------
+# The OV-COCO split (METHOD 8.1; official tools/get_ov_coco_annotations.py): (name, original COCO id).
+# New category ids are the positions in OV_COCO_BASE + OV_COCO_NOVEL: base 0..47, novel 48..64.
+# ----------------------------------------------------------------------------------------------
+OV_COCO_BASE: list[tuple[str, int]] = [
+    ("person", 1), ("bicycle", 2), ("car", 3), ("motorcycle", 4), ("train", 7), ("truck", 8),
+    ("boat", 9), ("bench", 15), ("bird", 16), ("horse", 19), ("sheep", 20), ("bear", 23),
+    ("zebra", 24), ("giraffe", 25), ("backpack", 27), ("handbag", 31), ("suitcase", 33),
+    ("frisbee", 34), ("skis", 35), ("kite", 38), ("surfboard", 42), ("bottle", 44), ("fork", 48),
+    ("spoon", 50), ("bowl", 51), ("banana", 52), ("apple", 53), ("sandwich", 54), ("orange", 55),
+    ("broccoli", 56), ("carrot", 57), ("pizza", 59), ("donut", 60), ("chair", 62), ("bed", 65),
+    ("toilet", 70), ("tv", 72), ("laptop", 73), ("mouse", 74), ("remote", 75), ("microwave", 78),
+    ("oven", 79), ("toaster", 80), ("refrigerator", 82), ("book", 84), ("clock", 85), ("vase", 86),
+    ("toothbrush", 90),
+]
+OV_COCO_NOVEL: list[tuple[str, int]] = [
+    ("airplane", 5), ("bus", 6), ("cat", 17), ("dog", 18), ("cow", 21), ("elephant", 22),
+    ("umbrella", 28), ("tie", 32), ("snowboard", 36), ("skateboard", 41), ("cup", 47), ("knife", 49),
+    ("cake", 61), ("couch", 63), ("keyboard", 76), ("sink", 81), ("scissors", 87),
+]
+
+KNOWLEDGE_KEYS = ("image_emb", "gt_ann_ids", "gt_emb", "pseudo_boxes", "pseudo_img_emb",
+                  "pseudo_txt_emb", "pseudo_weight")
+TEACHER_ADVICE = "re-run `python teacher.py --config config.yaml` to (re)write the knowledge files"
+BUILD_ADVICE = {
+    "shapes_ov": "build it with `python world.py --config config.yaml`",
+    "coco": "download COCO 2017 images and annotations (cocodataset.org) into it and run "
+            "`python data.py ov-coco --coco-root {root}`",
+}
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or inconsistent; the message names the file and the fix.
+
+    A ValueError so that the CLIs' ``except (ConfigError, FileNotFoundError, ValueError)`` print it
+    as one line instead of a traceback."""
+
+
+def _missing(path: Path, what: str, dataset: str | None = None, root="<coco-root>") -> DataError:
+    """Error for a missing dataset file/folder, saying which command builds it."""
+    advice = BUILD_ADVICE.get(dataset) or "; ".join(f"{k}: {v}" for k, v in BUILD_ADVICE.items())
+    return DataError(f"{what} '{path}' not found; {advice.format(root=root)}")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file as RGB, with an error naming the file if it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file '{path}' not found (named by the annotation file's 'file_name')")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the decode, so truncated files fail here
+    except OSError as e:  # PIL.UnidentifiedImageError and truncation errors are OSErrors
+        raise DataError(f"cannot read image file '{path}': {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint transforms: each takes and returns (image, target) and moves target["boxes"] and
+# target["knowledge"]["pseudo_boxes"] with the image. They return new dicts, never edit the input.
+# ----------------------------------------------------------------------------------------------
+
+def _map_boxes(target: dict, fn) -> dict:
+    """A copy of ``target`` with ``fn`` applied to its boxes and, if present, its pseudo boxes."""
+    out = dict(target, boxes=fn(target["boxes"]))
+    if "knowledge" in target:
+        out["knowledge"] = dict(target["knowledge"],
+                                pseudo_boxes=fn(target["knowledge"]["pseudo_boxes"]))
+    return out
+
+
+class Resize:
+    """Keep-ratio resize: scale = min(min_size / short side, max_size / long side).
+
+    Same rule as torchvision GeneralizedRCNNTransform and mmdet Resize(keep_ratio=True, img_scale=(max, min)).
+    """
+
+    def __init__(self, min_size: int, max_size: int):
+        if min_size <= 0 or max_size < min_size:
+            raise ValueError(f"data.min_size/max_size must satisfy 0 < min_size <= max_size, "
+                             f"got {min_size}/{max_size}")
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: Image.Image, target: dict):
+        w, h = image.size
+        scale = min(self.min_size / min(w, h), self.max_size / max(w, h))
+        # mmdet rescale_size rounds each side: int(x * scale + 0.5)
+        new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+        image = TF.resize(image, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR)
+        # per-axis ratios so that boxes stay on the rounded pixel grid (mmdet scale_factor [w,h,w,h])
+        ratio = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+        target = _map_boxes(target, lambda b: b * ratio)
+        target.update(size=torch.tensor([new_h, new_w]), scale=target.get("scale", 1.0) * scale)
+        return image, target
+
+
+class RandomHorizontalFlip:
+    """Flip image and boxes with probability p: x1' = W - x2, x2' = W - x1 (W = current width)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, image: Image.Image, target: dict):
+        if torch.rand(()) >= self.p:  # torch RNG: DataLoader seeds it per worker
+            return image, target
+        width = image.size[0]
+
+        def flip(b):  # (N, 4) xyxy -> (N, 4) xyxy mirrored about the vertical centre line
+            return torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+
+        target = _map_boxes(target, flip)
+        target["flipped"] = not target.get("flipped", False)
+        return TF.hflip(image), target
+
+
+class ToTensorNormalize:
+    """PIL [0, 255] -> FloatTensor[3, H, W] in [0, 1] -> (x - mean) / std."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Image.Image, target: dict):
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), target
+
+
+class Compose:
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+
+def build_transforms(cfg, train: bool) -> Compose:
+    """Resize (keep ratio) -> horizontal flip (train only, p = data.flip_prob) -> tensor + normalise."""
+    d = cfg.data
+    steps = [Resize(d.min_size, d.max_size)]
+    if train and d.flip_prob > 0:
+        steps.append(RandomHorizontalFlip(d.flip_prob))
+    steps.append(ToTensorNormalize(d.pixel_mean, d.pixel_std))
+    return Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------
+
+def _load_coco(ann_file: Path) -> COCO:
+    """pycocotools COCO with clear errors for a missing, malformed or non-COCO file."""
+    if not ann_file.is_file():
+        raise _missing(ann_file, "annotation file")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            return COCO(str(ann_file))
+    except json.JSONDecodeError as e:
+        raise DataError(f"annotation file '{ann_file}' is not valid JSON: {e}") from None
+    except (AssertionError, KeyError, TypeError) as e:
+        raise DataError(f"annotation file '{ann_file}' is not COCO format (need 'images', "
+                        f"'annotations', 'categories'): {e!r}") from None
+
+
+class OVDetectionDataset(torch.utils.data.Dataset):
+    """Open-vocabulary detection dataset over one COCO-format file (contract in the module docstring)."""
+
+    def __init__(self, image_dir, ann_file, class_names: list[str], num_base_classes: int, transforms,
+                 train: bool, knowledge_dir: str | None = None, min_box_side: float = 1.0,
+                 skip_images_without_base: bool = False):
+        self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
+        self.class_names, self.num_base_classes = list(class_names), num_base_classes
+        self.transforms, self.train = transforms, train
+        self.knowledge_dir = None if knowledge_dir is None else Path(knowledge_dir)
+        if len(set(self.class_names)) != len(self.class_names):
+            raise DataError(f"class names must be unique, got {self.class_names}")
+        if not 0 < num_base_classes <= len(self.class_names):
+            raise DataError(f"num_base_classes={num_base_classes} must be in 1..{len(self.class_names)}")
+        if not self.image_dir.is_dir():
+            raise _missing(self.image_dir, "image folder")
+        if self.knowledge_dir is not None and not self.knowledge_dir.is_dir():
+            raise DataError(f"knowledge folder '{self.knowledge_dir}' not found; {TEACHER_ADVICE}")
+        self.coco = _load_coco(self.ann_file)
+
+        # category remap by name: the config's order, never the file's
+        name_to_cat = {}
+        for cat in self.coco.dataset["categories"]:
+            if cat["name"] in name_to_cat:
+                raise DataError(f"annotation file '{self.ann_file}' lists category '{cat['name']}' twice")
+            name_to_cat[cat["name"]] = cat["id"]
+        missing = [n for n in self.class_names if n not in name_to_cat]
+        if missing:
+            raise DataError(f"annotation file '{self.ann_file}' has no categories named {missing} "
+                            f"(it has {sorted(name_to_cat)}); check data.base_classes/novel_classes")
+        self.label_to_cat_id = [name_to_cat[n] for n in self.class_names]
+        self.cat_id_to_label = {c: i for i, c in enumerate(self.label_to_cat_id)}
+
+        # boxes per image, filtered once: arrays of ann ids [R], xyxy boxes [R, 4], labels [R]
+        self.num_dropped_boxes = self.num_crowd_boxes = self.num_skipped_images = 0
+        self._anns: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.ids = []
+        for img_id in self.coco.getImgIds():  # file order
+            info = self.coco.imgs[img_id]
+            if "width" not in info or "height" not in info:
+                raise DataError(f"annotation file '{self.ann_file}': image {img_id} has no width/height")
+            ids, boxes, labels = [], [], []
+            for ann in self.coco.imgToAnns[img_id]:
+                label = self.cat_id_to_label.get(ann["category_id"])
+                if label is None:  # a category outside the vocabulary (e.g. the 15 dropped COCO ones)
+                    continue
+                if ann.get("iscrowd", 0):
+                    self.num_crowd_boxes += 1
+                    continue
+                x, y, w, h = ann["bbox"]
+                x1, y1 = min(max(x, 0.0), info["width"]), min(max(y, 0.0), info["height"])
+                x2, y2 = min(max(x + w, 0.0), info["width"]), min(max(y + h, 0.0), info["height"])
+                if x2 - x1 < min_box_side or y2 - y1 < min_box_side:
+                    self.num_dropped_boxes += 1
+                    continue
+                ids.append(ann["id"])
+                boxes.append([x1, y1, x2, y2])
+                labels.append(label)
+            if skip_images_without_base and not any(l < num_base_classes for l in labels):
+                self.num_skipped_images += 1
+                continue
+            self.ids.append(img_id)
+            self._anns[img_id] = (np.array(ids, dtype=np.int64),
+                                  np.array(boxes, dtype=np.float32).reshape(-1, 4),  # (R, 4)
+                                  np.array(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_info(self, i: int) -> dict:
+        """The COCO image record (id, file_name, width, height, ...) of sample ``i``."""
+        return self.coco.imgs[self.ids[i]]
+
+    def __getitem__(self, i: int):
+        info = self.image_info(i)
+        path = self.image_dir / info["file_name"]
+        image = load_image(path)
+        if image.size != (info["width"], info["height"]):
+            raise DataError(f"image file '{path}' is {image.size[0]}x{image.size[1]} but "
+                            f"'{self.ann_file}' says {info['width']}x{info['height']}")
+        ann_ids, boxes, labels = self._anns[info["id"]]
+        target = {
+            "boxes": torch.from_numpy(boxes.copy()),
+            "labels": torch.from_numpy(labels.copy()),
+            "ann_ids": torch.from_numpy(ann_ids.copy()),
+            "image_id": int(info["id"]),
+            "orig_size": torch.tensor([info["height"], info["width"]]),
+            "size": torch.tensor([info["height"], info["width"]]),
+            "scale": 1.0,
+            "flipped": False,
+        }
+        if self.knowledge_dir is not None:
+            target["knowledge"] = self._load_knowledge(info, target["ann_ids"])
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def _load_knowledge(self, info: dict, ann_ids: torch.Tensor) -> dict:
+        """Read ``<stem>.pt`` (format in the module docstring) and align gt_emb rows with ``ann_ids``."""
+        path = self.knowledge_dir / (Path(info["file_name"]).stem + ".pt")
+        if not path.is_file():
+            raise DataError(f"knowledge file '{path}' for image {info['id']} not found; {TEACHER_ADVICE}")
+        try:
+            k = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated / foreign files
+            raise DataError(f"cannot read knowledge file '{path}': {e}; {TEACHER_ADVICE}") from None
+        absent = [key for key in KNOWLEDGE_KEYS if not isinstance(k, dict) or key not in k]
+        if absent:
+            raise DataError(f"knowledge file '{path}' lacks keys {absent}; {TEACHER_ADVICE}")
+        image_emb = k["image_emb"].float()
+        dim, num_gt, num_pseudo = image_emb.shape[-1], len(k["gt_ann_ids"]), len(k["pseudo_boxes"])
+        expected = {"image_emb": (dim,), "gt_emb": (num_gt, dim), "pseudo_boxes": (num_pseudo, 4),
+                    "pseudo_img_emb": (num_pseudo, dim), "pseudo_txt_emb": (num_pseudo, dim),
+                    "pseudo_weight": (num_pseudo,)}
+        for key, shape in expected.items():
+            if tuple(k[key].shape) != shape:
+                raise DataError(f"knowledge file '{path}': '{key}' has shape {tuple(k[key].shape)}, "
+                                f"expected {shape}; {TEACHER_ADVICE}")
+        row_of = {int(a): r for r, a in enumerate(k["gt_ann_ids"].tolist())}
+        lost = [int(a) for a in ann_ids.tolist() if int(a) not in row_of]
+        if lost:
+            raise DataError(f"knowledge file '{path}' has no gt_emb row for annotation ids {lost} of "
+                            f"'{self.ann_file}'; {TEACHER_ADVICE}")
+        rows = torch.tensor([row_of[int(a)] for a in ann_ids.tolist()], dtype=torch.long)
+        # pseudo boxes are clipped to the image so that flipping keeps them inside it
+        wh = torch.tensor([info["width"], info["height"]] * 2, dtype=torch.float32)
+        pseudo_boxes = torch.minimum(k["pseudo_boxes"].float().clamp(min=0), wh)
+        return {
+            "image_emb": image_emb,                                  # [D]
+            "gt_emb": k["gt_emb"].float()[rows],                     # [n, D] -> [R, D]
+            "pseudo_boxes": pseudo_boxes,                            # [P, 4] original px, xyxy
+            "pseudo_img_emb": k["pseudo_img_emb"].float(),           # [P, D]
+            "pseudo_txt_emb": k["pseudo_txt_emb"].float(),           # [P, D]
+            "pseudo_weight": k["pseudo_weight"].float(),             # [P]
+        }
+
+
+def knowledge_dir(cfg) -> Path:
+    """Folder of the per-image knowledge files written by teacher.py."""
+    return Path(cfg.data.root) / cfg.data.knowledge_dir
+
+
+def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetectionDataset:
+    """The ``train`` (base boxes, flip, optional knowledge) or ``val`` (all classes) dataset of cfg.data."""
+    d = cfg.data
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = Path(d.root)
+    if not root.is_dir():
+        raise _missing(root, "dataset root (data.root)", d.dataset, root)
+    train = split == "train"
+    if knowledge is None:
+        knowledge = train
+    image_dir = root / (d.train_images if train else d.val_images)
+    ann_file = root / (d.train_ann if train else d.val_ann)
+    for path, what in ((image_dir, "image folder"), (ann_file, "annotation file")):
+        if not path.exists():
+            raise _missing(path, what, d.dataset, root)
+    return OVDetectionDataset(
+        image_dir=image_dir,
+        ann_file=ann_file,
+        class_names=d.base_classes + d.novel_classes,
+        num_base_classes=len(d.base_classes),
+        transforms=build_transforms(cfg, train),
+        train=train,
+        knowledge_dir=str(knowledge_dir(cfg)) if knowledge else None,
+        min_box_side=d.min_box_side,
+        skip_images_without_base=train and d.skip_images_without_base,
+    )
+
+
+def collate(batch):
+    """[(image, target), ...] -> (list of images, list of targets); images keep their own sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# OV-COCO annotation builder (METHOD 8.2; official tools/get_ov_coco_annotations.py)
+# ----------------------------------------------------------------------------------------------
+
+def remap_ov_coco(data: dict, source) -> dict:
+    """Keep the 65 OV-COCO categories with new ids 0..64 (METHOD 8.1 order), matched by name.
+
+    Images and annotation order are kept (the offline GT embeddings rely on it, METHOD 10.1); the
+    annotations of the 15 other categories are removed. ``source`` names the file in errors.
+    """
+    absent = [key for key in ("images", "annotations", "categories") if key not in data]
+    if absent:
+        raise DataError(f"'{source}' is not a COCO instances file: no {absent}")
+    names = [n for n, _ in OV_COCO_BASE + OV_COCO_NOVEL]
+    by_name = {c["name"]: c for c in data["categories"]}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"'{source}' lacks the OV-COCO categories {missing}; is it a COCO 2017 "
+                        f"instances file?")
+    old_to_new = {by_name[n]["id"]: new for new, n in enumerate(names)}
+    out = {key: value for key, value in data.items() if key not in ("categories", "annotations")}
+    out["categories"] = [dict(by_name[n], id=new) for new, n in enumerate(names)]
+    out["annotations"] = [dict(a, category_id=old_to_new[a["category_id"]])
+                          for a in data["annotations"] if a["category_id"] in old_to_new]
+    return out
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written outputs."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, separators=(",", ":"))  # compact, as the official script
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _all_annotations(data: dict) -> dict:
+    """Every image and every annotation of the 65 categories."""
+    return data
+
+
+def _base_annotations(data: dict) -> dict:
+    """Only annotations of base categories (new id < 48); every image stays (METHOD 8.2)."""
+    return dict(data, annotations=[a for a in data["annotations"] if a["category_id"] < len(OV_COCO_BASE)])
+
+
+def _images_with_annotations(data: dict) -> dict:
+    """Only images with >= 1 annotation of the 65 categories, crowd included (official ``_filter_imgs``)."""
+    keep = {a["image_id"] for a in data["annotations"]}
+    return dict(data, images=[im for im in data["images"] if im["id"] in keep])
+
+
+def build_ov_coco(coco_root, out_dir=None, force: bool = False) -> list[Path]:
+    """Write the OV-COCO files from the official COCO 2017 instances files; returns the written paths.
+
+    From ``<coco_root>/annotations/instances_{train,val}2017.json`` into ``out_dir`` (default: the same
+    annotations folder):
+      instances_train2017.65.json    all images, 65 categories (ids 0..64), their annotations
+      instances_train2017.48.json    all images, 65 categories, only base annotations (new id < 48)
+      instances_val2017.65.json      all images, 65 categories, their annotations
+      instances_val2017.65.min.json  only images with >= 1 annotation of the 65 (crowd included)
+    Existing outputs are skipped unless ``force``.
+    """
+    ann_dir = Path(coco_root) / "annotations"
+    out_dir = Path(out_dir) if out_dir is not None else ann_dir
+    written = []
+    for split in ("train2017", "val2017"):
+        outputs = {"65": _all_annotations, "48": _base_annotations} if split == "train2017" else \
+                  {"65": _all_annotations, "65.min": _images_with_annotations}
+        todo = {s: out_dir / f"instances_{split}.{s}.json" for s in outputs}
+        if not force:
+            for suffix, path in list(todo.items()):
+                if path.exists():
+                    print(f"{path} exists, skipping (use --force to rebuild)")
+                    del todo[suffix]
+        if not todo:
+            continue
+        src = ann_dir / f"instances_{split}.json"
+        if not src.is_file():
+            raise DataError(f"'{src}' not found; download the 2017 Train/Val annotations "
+                            f"(annotations_trainval2017.zip) from https://cocodataset.org/#download "
+                            f"and unzip it into '{Path(coco_root)}'")
+        try:
+            data = remap_ov_coco(json.loads(src.read_text()), src)
+        except json.JSONDecodeError as e:
+            raise DataError(f"'{src}' is not valid JSON: {e}") from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for suffix, path in todo.items():
+            out = outputs[suffix](data)
+            _write_json_atomic(out, path)
+            print(f"wrote {path}: {len(out['images'])} images, {len(out['annotations'])} annotations")
+            written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="hdovd data tools (see data.py's docstring)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ov-coco", help="write the OV-COCO 48/17 annotation files (METHOD 8.2)")
+    p.add_argument("--coco-root", required=True,
+                   help="COCO folder holding annotations/instances_{train,val}2017.json")
+    p.add_argument("--out-dir", default=None, help="output folder (default: <coco-root>/annotations)")
+    p.add_argument("--force", action="store_true", help="rebuild files that already exist")
+    args = parser.parse_args(argv)
+    try:
+        build_ov_coco(args.coco_root, args.out_dir, args.force)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
