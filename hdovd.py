@@ -71,11 +71,11 @@ class HDOVD(nn.Module):
     def make_targets(self, targets: list[dict]):
         """Split data.py targets into RPN targets, RoI targets and the paired CLIP teachers."""
         nb = self.num_base_classes
-        rpn_t, roi_t, teachers, pseudo_texts = [], [], [], []
+        rpn_t, roi_t, teachers, pseudo_texts, pseudo_weights = [], [], [], [], []
         for t in targets:
             boxes, dev = t["boxes"], t["boxes"].device
             know = t.get("knowledge")
-            if self.use_pseudo and know is None:
+            if (self.use_pseudo or self.image is not None) and know is None:
                 raise ValueError(f"image {t.get('image_id')}: a hierarchy needs offline CLIP knowledge "
                                  f"but the sample has none; build it with "
                                  f"`python teacher.py --config config.yaml`")
@@ -96,12 +96,13 @@ class HDOVD(nn.Module):
             if self.use_pseudo:
                 teachers.append(torch.cat([know["gt_emb"], know["pseudo_img_emb"][p_idx]]))
                 pseudo_texts.append(know["pseudo_txt_emb"][p_idx])
-        return rpn_t, roi_t, teachers, pseudo_texts
+                pseudo_weights.append(know["pseudo_weight"][p_idx])
+        return rpn_t, roi_t, teachers, pseudo_texts, pseudo_weights
 
     # -- training ------------------------------------------------------------------------------
     def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict:
         nb = self.num_base_classes
-        rpn_t, roi_t, teachers, pseudo_texts = self.make_targets(targets)
+        rpn_t, roi_t, teachers, pseudo_texts, pseudo_weights = self.make_targets(targets)
         out = self.detector(images, rpn_t, roi_t)
         losses = {"loss_rpn_objectness": out["loss_rpn_objectness"], "loss_rpn_box": out["loss_rpn_box"]}
 
@@ -122,7 +123,7 @@ class HDOVD(nn.Module):
         if self.instance is not None:  # H1: mean visual embedding of each target's positive RoIs
             losses.update(self.instance(*self.pool_instance_pairs(out, teachers)))
         if self.text_space is not None:
-            losses.update(self.text_space_losses(out, pseudo_texts, roi_t))
+            losses.update(self.text_space_losses(out, pseudo_texts, pseudo_weights))
         if self.image is not None:  # H3
             teacher_img = torch.stack([t["knowledge"]["image_emb"] for t in targets])
             losses.update(self.image(out["image_emb"], teacher_img))
@@ -140,14 +141,15 @@ class HDOVD(nn.Module):
         has = counts > 0
         return sums[has] / counts[has, None], teacher[has]
 
-    def text_space_losses(self, out: dict, pseudo_texts: list[torch.Tensor], roi_t: list[dict]):
+    def text_space_losses(self, out: dict, pseudo_texts: list[torch.Tensor],
+                          pseudo_weights: list[torch.Tensor]):
         """H2 text-space distillation (§3.3) with the text-space embeddings as student rows."""
         nb = self.num_base_classes
         labels = out["roi_labels"]
         base = (labels >= 0) & (labels < nb)
         pseudo = labels >= nb
         texts = torch.cat(pseudo_texts)  # (P_total, D)
-        weights = torch.cat([t["cls_weight"][t["labels"] >= nb] for t in roi_t])
+        weights = torch.cat(pseudo_weights)  # (P_total,) w_p of each pseudo box (METHOD 1.4)
         return self.text_space(out["roi_text_emb"][base], labels[base], out["roi_text_emb"][pseudo],
                                texts[labels[pseudo] - nb], weights[labels[pseudo] - nb],
                                self.class_embeddings[:nb])
@@ -230,7 +232,8 @@ def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
                                                          "nms_iou", "max_detections")}
     det = detector_lib.build_faster_rcnn(cfg, dim)
     classifier = detector_lib.OpenVocabClassifier(dim, cfg.model.tau_cls)
+    # all class texts (pseudo nouns are class names on Shapes-OV) and the background start orthogonal
     detector_lib.init_zero_logit(det.box_head.fc_cls,
-                                 torch.cat([class_embeddings[:nb], classifier.bg_embedding[None]]))
+                                 torch.cat([class_embeddings, classifier.bg_embedding[None]]))
     return HDOVD(det, classifier, class_embeddings, nb, instance, image, text_space, d.class_wise,
                  cfg.model.max_pseudo_boxes, cfg.model.pseudo_min_side, inference)
