@@ -1,0 +1,43 @@
+"""Shared test setup: the repository root on sys.path (the project is a flat set of modules, not
+an installed package), and a tiny Shapes-OV world built once per test session."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """``--set`` values for a world small enough for tests: 24 train / 8 val images, a teacher
+    pre-trained for 3 steps and a proposal network for 5 (plumbing, not accuracy), and a narrow
+    detector. The untrained teacher cannot calibrate the pseudo-label weight, so it is fixed."""
+    return [
+        f"data.root={root}", f"teacher.clip_model={root / 'teacher' / 'clip.pt'}",
+        "world.num_train=24", "world.num_val=8", "world.workers=1",
+        "clip_pretrain.num_scenes=64", "clip_pretrain.batch_size=16",
+        "clip_pretrain.max_steps=3", "clip_pretrain.train_seconds=60",
+        "teacher.proposals.max_steps=5", "teacher.proposals.train_seconds=60",
+        "teacher.proposals.batch_size=4", "teacher.calibration_images=24",
+        "teacher.weight_a=1.0", "teacher.weight_mu=0.3", "teacher.weight_sigma=0.05",
+        "model.fpn_channels=32", "model.representation_size=128",
+        "model.rpn_pre_nms_train=400", "model.rpn_post_nms_train=200",
+        "model.rpn_pre_nms_test=200", "model.rpn_post_nms_test=100",
+        "model.roi_batch_size=64", "model.pseudo_min_side=8",
+        "distill.instance_queue_size=64", "distill.image_queue_size=16",
+        "data.num_workers=0", "train.batch_size=2", "train.log_every=1",
+        "eval.batch_size=8", "eval.max_images=4",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> list[str]:
+    """Build the tiny world, its teacher and the offline knowledge once (train.prepare, the
+    preparation path train.py runs); returns the ``--set`` overrides that point at it."""
+    import config
+    import train
+
+    overrides = tiny_overrides(tmp_path_factory.mktemp("tiny_shapes_ov"))
+    train.prepare(config.load_config(REPO / "config.yaml", overrides))
+    return overrides

@@ -1,0 +1,167 @@
+"""train.py: the LR schedule, atomic checkpoints, the resume config check, and (on a tiny Shapes-OV
+world built once per session in conftest.py) two DDP steps with 2 gloo processes, exact resume,
+and the stop on a non-finite loss."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config
+import train
+
+
+def _train_cfg(**kw) -> config.TrainConfig:
+    return config.TrainConfig(**{"warmup_steps": 10, "warmup_ratio": 0.001, "milestones": [20, 30],
+                                 "gamma": 0.1, **kw})
+
+
+def test_schedule_warmup_and_step_decay():
+    t = _train_cfg()
+    f = [train.lr_factor(s, t) for s in range(40)]
+    assert f[0] == pytest.approx(0.001)  # mmcv linear warm-up starts at warmup_ratio
+    assert f[5] == pytest.approx(0.001 + 0.5 * 0.999)  # halfway: linear
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))  # rising through the warm-up
+    assert f[10] == f[19] == 1.0  # warm-up over, before the first milestone
+    assert f[20] == pytest.approx(0.1) and f[29] == pytest.approx(0.1)  # x gamma from step 20
+    assert f[30] == pytest.approx(0.01) and f[39] == pytest.approx(0.01)  # x gamma again from 30
+
+
+def test_schedule_drives_the_optimizer_lr():
+    t = _train_cfg(warmup_steps=0, milestones=[2])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_factor(s, t))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 0.5, 0.05, 0.05])
+
+
+def test_optimizer_choice_and_decay_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    cfg = config.load_config(None, ["train.optimizer=sgd", "train.momentum=0.8",
+                                    "train.no_decay_norm_bias=true"])
+    if hasattr(train.hdovd, "param_groups"):
+        pytest.skip("hdovd.param_groups defines the groups")
+    opt = train.build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.8
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    assert [p.ndim for g in decayed for p in g["params"]] == [2]  # only the Linear weight
+    cfg.train.optimizer = "adam"
+    with pytest.raises(config.ConfigError, match="adamw' or 'sgd"):
+        train.build_optimizer(model, cfg)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    train.save_checkpoint({"step": 1}, path)
+    assert torch.load(path)["step"] == 1
+
+    def crash(obj, f):  # torch.save dies half-way through the new file
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.torch, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"step": 2}, path)
+    assert torch.load(path)["step"] == 1  # the old checkpoint is intact
+
+
+def test_resume_config_check_lists_the_differing_keys():
+    saved = config.config_to_dict(config.load_config(None))
+    ok = config.config_to_dict(config.load_config(None, [
+        "train.max_steps=5", "train.milestones=[3]", "run.device=cpu", "eval.max_images=2",
+        "data.num_workers=0", "train.log_every=1"]))
+    train.check_resume_config(saved, ok, "ckpt.pth")  # run/eval/train-length keys may change
+    bad = config.config_to_dict(config.load_config(None, ["train.lr=0.5", "distill.image=false",
+                                                          "run.seed=3"]))
+    with pytest.raises(config.ConfigError) as e:
+        train.check_resume_config(saved, bad, "ckpt.pth")
+    assert all(k in str(e.value) for k in ("train.lr", "distill.image", "run.seed"))
+    assert "train.max_steps" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# On the tiny world (conftest.tiny_world): real model, real data, real teacher knowledge.
+# ------------------------------------------------------------------------------------------------
+
+def _run(tiny_world, tmp_path, name, *extra) -> list[str]:
+    return ["--config", str(config_path()), "--set", *tiny_world, f"run.out_dir={tmp_path}",
+            f"run.name={name}", *extra]
+
+
+def config_path():
+    from conftest import REPO
+    return REPO / "config.yaml"
+
+
+def _log(run_dir, kind="train") -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_two_ddp_steps_with_two_gloo_processes(tiny_world, tmp_path):
+    from conftest import REPO
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes share the two cores
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *_run(tiny_world, tmp_path, "ddp", "train.max_steps=2",
+                                         "run.device=cpu", "train.eval_every=1",
+                                         "train.ckpt_every=1")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    ckpt = torch.load(run_dir / "ckpt.pth", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
+    assert len(ckpt["rng"]) == 2  # both ranks' RNG states were gathered
+    assert [r["step"] for r in _log(run_dir)] == [1, 2]
+    assert [r["step"] for r in _log(run_dir, "eval")] == [1, 2]  # eval_every=1, then the final one
+    assert all(r["images_per_s"] > 0 and "loss_cls_scaled" in r for r in _log(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # eval.max_images=4 split over the two ranks (2 each), gathered before COCOeval
+    assert metrics["num_images"] == 4 and metrics["step"] == 2
+    assert set(evaluate_keys()) <= set(metrics)
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # unwrapped state dict
+
+
+def evaluate_keys():
+    import evaluate
+    return evaluate.METRIC_KEYS
+
+
+def test_resume_continues_step_lr_data_and_weights(tiny_world, tmp_path):
+    # A: 3 steps straight. B: 2 steps, stop, resume to 3 with a longer max_steps. 24 train images
+    # at batch 2 -> step 2 is mid-epoch, so the resumed run must skip the consumed batches.
+    train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=3"))
+    train.main(_run(tiny_world, tmp_path, "b", "train.max_steps=2"))
+    train.main(_run(tiny_world, tmp_path, "b", "train.max_steps=3"))
+    a = torch.load(tmp_path / "a" / "ckpt.pth", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pth", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # Same data order, same random streams, same optimizer moments -> identical weights.
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    log_a, log_b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in log_b] == [1, 2, 3]  # appended after the resume
+    assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
+    assert [r["total"] for r in log_a] == pytest.approx([r["total"] for r in log_b], rel=1e-6)
+    # A finished, evaluated run is not redone.
+    assert train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=3"))["step"] == 3
+    with pytest.raises(config.ConfigError, match="train.lr"):
+        train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=4", "train.lr=0.5"))
+
+
+def test_nonfinite_loss_stops_with_the_loss_dict(tiny_world, tmp_path, monkeypatch, capsys):
+    real_weights = train.hdovd.loss_weights
+    monkeypatch.setattr(train.hdovd, "loss_weights",
+                        lambda cfg: {k: v * float("inf") for k, v in real_weights(cfg).items()})
+    with pytest.raises(SystemExit) as e:
+        train.main(_run(tiny_world, tmp_path, "nan", "train.max_steps=2"))
+    assert "non-finite loss in step 1" in str(e.value.code)
+    assert "loss_cls" in capsys.readouterr().err  # the loss dict was printed
+    assert not (tmp_path / "nan" / "ckpt.pth").exists()  # nothing new was saved

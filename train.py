@@ -1,0 +1,459 @@
+"""Train an HD-OVD detector: one process per device, DDP under torchrun, evaluation at the end.
+
+Commands
+--------
+    python train.py --config config.yaml              # one process: the GPU if there is one, else CPU
+    python train.py --config config.yaml --set run.name=smoke train.max_steps=20 eval.max_images=16
+                                                      # CPU smoke run (a minute or two once prepared)
+    torchrun --standalone --nproc_per_node=1 train.py --config config.yaml   # 1 GPU under torchrun
+    torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # 4 GPUs, NCCL
+    torchrun --standalone --nproc_per_node=2 train.py --config config.yaml --set run.device=cpu
+                                                      # 2 CPU processes, gloo
+Any config works the same way (OV-COCO: the paper settings in configs/).
+
+Order (nanoGPT's, STYLE §4.6): config → torchrun env → DDP init (gloo on CPU, NCCL on CUDA) →
+seed + rank → missing preparation steps on rank 0 (world.py for Shapes-OV, teacher.py knowledge),
+the other ranks wait at a barrier → data → model → optimizer + schedule → resume → loop →
+final evaluation + checkpoint.
+
+Contract
+--------
+* Writes ``<run.out_dir>/<run.name>/``: ``config.yaml`` (resolved), ``log.jsonl`` (one line per
+  ``train.log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled,
+  <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
+  "images_per_s", "eta_s"}``, averages over the steps since the last line, rank 0's values; and
+  one ``{"kind": "eval", "step", AP50_novel, ...}`` line per evaluation), ``ckpt.pth`` and
+  ``metrics.json`` (evaluate.py's metrics of the final model, percent).
+* Checkpoint (STYLE §4.16; rank 0 only, written atomically via tmp file + os.replace):
+  ``{"model": unwrapped state_dict, "optimizer", "scheduler", "scaler" (float16 AMP only),
+  "step", "world_size", "config": config_to_dict(cfg), "metrics": last metrics or None,
+  "rng": [per-rank {"python", "numpy", "torch", "cuda"}]}``.
+* Resume (``train.resume``, default on): a run directory with ``ckpt.pth`` continues at its step
+  with the same LR, optimizer moments, RNG states and data order (same sampler epoch, the batches
+  already consumed in that epoch are skipped). Only ``run.name/out_dir/device``, ``eval.*``,
+  ``data.num_workers`` and the train-length keys (``train.max_steps``, ``milestones``,
+  ``log_every``, ``eval_every``, ``ckpt_every``, ``resume``) may differ from the checkpoint's
+  config; anything else is an error listing the keys.
+* The model API used (hdovd.py): ``build_hdovd(cfg)``, ``model(images, targets)`` → dict of
+  unweighted scalars ``loss_*`` (summed with ``loss_weights(cfg)``) and ``stat_*`` (logged only),
+  optional ``param_groups(model, cfg)``; evaluation goes through ``evaluate.evaluate_model``.
+* The learning rate (``train.lr``) is for the global batch ``batch_size × world_size``; when you
+  change either, scale it linearly (Goyal et al. 2017, the rule the official configs follow).
+
+References: METHOD.md §8.4 (schedules: AdamW/SGD, linear warm-up 500 iters ratio 0.001, ×0.1 at
+epochs 8 and 11 of 12, grad clip 1.0 for AdaMixer); nanoGPT ``train.py`` (DDP via torchrun env
+vars, master_process, checkpoint dict); mmcv ``LrUpdaterHook`` (the warm-up formula).
+
+Deviations
+----------
+* Steps, not epochs: milestones and warm-up are given in optimizer steps (mmdet counts decay in
+  epochs). Epochs only set the sampler's shuffling seed.
+* Logged losses are rank 0's (as nanoGPT); gradients are of course averaged over all ranks by DDP.
+* Exact resume of the data *order* holds for any ``data.num_workers``; augmentation randomness
+  (flips) is exactly reproduced after a mid-epoch resume only with ``data.num_workers=0`` (with
+  workers, the skipped batches shift which worker, hence which random stream, serves each batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import config
+import data
+import evaluate
+import hdovd
+import teacher
+import world
+
+# Config keys a resumed run may change: where it runs, how it logs and evaluates, how long it
+# trains. (run.seed is not among them: it sets the data order.)
+RESUMABLE_KEYS = ("run.name", "run.out_dir", "run.device", "eval.", "data.num_workers",
+                  "train.max_steps", "train.milestones", "train.log_every", "train.eval_every",
+                  "train.ckpt_every", "train.resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule, optimizer, checkpoint helpers (plain functions; the loop in main() uses them).
+# ----------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, train_cfg: config.TrainConfig) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): mmcv's linear warm-up, then step decay.
+
+    Warm-up (mmcv LrUpdaterHook, 'linear'): factor = 1 - (1 - step/warmup_steps)(1 - warmup_ratio),
+    i.e. ``warmup_ratio`` at step 0 rising linearly to 1 at ``warmup_steps``. Decay: × gamma for
+    every milestone ≤ step (mmdet 'step' policy, here in steps instead of epochs).
+    """
+    decay = train_cfg.gamma ** sum(step >= m for m in train_cfg.milestones)
+    if step < train_cfg.warmup_steps:
+        k = (1 - step / train_cfg.warmup_steps) * (1 - train_cfg.warmup_ratio)
+        return (1 - k) * decay
+    return decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
+    """AdamW or SGD+momentum over ``hdovd.param_groups`` (when the model defines them) or over
+    all trainable parameters (optionally without decay on 1-D norms/biases)."""
+    t = cfg.train
+    if hasattr(hdovd, "param_groups"):  # the method may want its own groups (e.g. lr multipliers)
+        groups = hdovd.param_groups(model, cfg)
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if t.no_decay_norm_bias and p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    raise config.ConfigError(f"train.optimizer={t.optimizer!r}: use 'adamw' or 'sgd'")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
+    """Raise ConfigError listing every key (other than RESUMABLE_KEYS) that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    differing = sorted(k for k in set(a) | set(b)
+                       if a.get(k, "<missing>") != b.get(k, "<missing>")
+                       and not k.startswith(RESUMABLE_KEYS))
+    if differing:
+        lines = [f"  {k}: checkpoint {a.get(k, '<missing>')!r} != now {b.get(k, '<missing>')!r}"
+                 for k in differing]
+        raise config.ConfigError(
+            f"cannot resume from '{ckpt_path}': the config differs in keys that change the "
+            f"training itself:\n" + "\n".join(lines) + "\nUse another run.name for a new run, "
+            f"or --set train.resume=false to start this one over.")
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """This process's random states (python, numpy, torch CPU, and CUDA when present)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(obj, device):
+    """Move tensors inside nested dicts/lists (targets, their knowledge dicts) to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def prepare(cfg: config.Config) -> None:
+    """Run the missing preparation steps: Shapes-OV and its teacher (world.py), then the offline
+    CLIP knowledge (teacher.py). Each step skips what is already built."""
+    if cfg.data.dataset == "shapes_ov" and not world.world_is_built(cfg):
+        print("train.py: Shapes-OV or its teacher is missing, building it (world.py)")
+        world.build_world(cfg)
+    if not teacher.knowledge_is_built(cfg):
+        print("train.py: offline CLIP knowledge is missing, extracting it (teacher.py)")
+        teacher.build_knowledge(cfg)
+
+
+def batches(dataset, cfg: config.Config, rank: int, world_size: int, start_step: int, pin: bool):
+    """Yield (epoch, images, targets) forever, starting at optimizer step ``start_step``.
+
+    Each epoch is a DistributedSampler permutation (seed ``run.seed``, ``set_epoch(epoch)``; also
+    used with one process so both paths shuffle alike), cut into ``batch_size`` batches per rank
+    (drop_last). Resuming at step s starts in epoch s // steps_per_epoch and skips the batches of
+    that epoch already consumed, so the data order continues exactly.
+    """
+    bs = cfg.train.batch_size
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.run.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of "
+                         f"train.batch_size={bs} x {world_size} processes; lower train.batch_size")
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * bs: steps_per_epoch * bs]
+        # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG,
+        # which would make a resumed run's random stream differ from an uninterrupted one.
+        gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch * 1_009 + rank)
+        loader = DataLoader(dataset, batch_size=bs, sampler=indices, drop_last=True,
+                            num_workers=cfg.data.num_workers, collate_fn=data.collate,
+                            pin_memory=pin, generator=gen)
+        for images, targets in loader:
+            yield epoch, images, targets
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# main: reads straight through.
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    parser = config.add_config_args(argparse.ArgumentParser(prog="train.py",
+                                                            description="Train HD-OVD."))
+    cfg = config.config_from_args(parser.parse_args(argv))
+
+    # --- torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = evaluate.resolve_device(cfg.run.device)
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0  # logs, writes files, checkpoints
+    random.seed(cfg.run.seed + rank)
+    np.random.seed(cfg.run.seed + rank)
+    torch.manual_seed(cfg.run.seed + rank)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt_path = run_dir / "ckpt.pth"
+
+    # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `teacher.py` first
+    # (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
+    if master:
+        prepare(cfg)
+    if ddp:
+        dist.barrier()
+
+    # --- Data: training split with knowledge, val split for evaluation.
+    train_set = data.build_dataset(cfg, "train", knowledge=True)
+    val_set = data.build_dataset(cfg, "val", knowledge=False)
+
+    # --- Model, optimizer, schedule, AMP.
+    raw_model = hdovd.build_hdovd(cfg).to(device)
+    model = raw_model
+    if ddp:
+        # find_unused_parameters: hierarchies can be switched off and a batch without pseudo
+        # boxes leaves some heads without gradient. broadcast_buffers=False (as mmdet's
+        # train_detector): each rank keeps its own H1/H3 queues instead of rank 0's copy.
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True, broadcast_buffers=False)
+    weights = hdovd.loss_weights(cfg)
+    optimizer = build_optimizer(raw_model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+    if cfg.train.amp_dtype not in ("bfloat16", "float16"):
+        raise config.ConfigError(f"train.amp_dtype={cfg.train.amp_dtype!r}: use bfloat16 or float16")
+    use_amp = cfg.train.amp and device.type == "cuda"
+    amp_dtype = getattr(torch, cfg.train.amp_dtype)
+    # Loss scaling only matters for float16; a disabled scaler passes calls straight through.
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    # --- Resume: everything needed for the next step to be the one an uninterrupted run takes.
+    step, metrics = 0, None
+    if cfg.train.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        check_resume_config(ckpt["config"], config.config_to_dict(cfg), ckpt_path)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        step, metrics = ckpt["step"], ckpt.get("metrics")
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank])
+        elif master:
+            print(f"train.py: checkpoint was written by {len(ckpt['rng'])} processes, now "
+                  f"{world_size}: data order and random streams will not continue exactly")
+        if master:
+            print(f"train.py: resumed from {ckpt_path} at step {step}")
+        del ckpt
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump_config(cfg, run_dir / "config.yaml")
+        print((run_dir / "config.yaml").read_text())
+    if step >= cfg.train.max_steps and metrics is not None and metrics.get("step") == step:
+        if master:
+            print(f"train.py: {ckpt_path} is already trained to step {step} and evaluated")
+            print(evaluate.format_table(metrics, cfg.data.base_classes, cfg.data.novel_classes))
+        if ddp:
+            dist.destroy_process_group()
+        return metrics
+
+    log_path = run_dir / "log.jsonl"
+    if master and step > 0 and log_path.is_file():
+        # A run that died after its last checkpoint logged steps that will now be redone.
+        kept = [line for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log_file = open(log_path, "a" if step > 0 else "w") if master else None
+
+    def log(record: dict):
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def run_eval(at_step: int) -> dict:
+        m, _ = evaluate.evaluate_model(model, val_set, device, cfg.eval.batch_size,
+                                       num_workers=cfg.data.num_workers,
+                                       max_images=cfg.eval.max_images)
+        m = {"step": at_step, **m}
+        log({"kind": "eval", **m})
+        if master:
+            tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
+        return m
+
+    def checkpoint(at_step: int, rng: list, m: dict | None):
+        if master:
+            save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "step": at_step, "world_size": world_size,
+                             "config": config.config_to_dict(cfg), "metrics": m, "rng": rng},
+                            ckpt_path)
+
+    def all_rng() -> list:
+        if not ddp:
+            return [rng_state()]
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+        return states
+
+    # --- The loop.
+    data_iter = batches(train_set, cfg, rank, world_size, step, pin=device.type == "cuda")
+    images_per_step = cfg.train.batch_size * world_size
+    window, counts = defaultdict(float), defaultdict(int)  # log window sums, per key
+    t_window, steps_in_window = time.time(), 0
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not master, desc="train",
+               dynamic_ncols=True)
+    model.train()
+    while step < cfg.train.max_steps:
+        epoch, images, targets = next(data_iter)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = to_device(targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            outputs = model(images, targets)
+        losses = {k: v.float() for k, v in outputs.items() if k.startswith("loss_")}
+        missing = sorted(set(losses) - set(weights))
+        if missing:
+            raise KeyError(f"hdovd.loss_weights(cfg) gives no weight for {missing}")
+        total = sum(weights[k] * v for k, v in losses.items())
+
+        # A non-finite loss on any rank stops every rank (a lone exit would hang the others in
+        # the next all-reduce). Nothing is saved: the last checkpoint stays the good one.
+        bad = torch.tensor(0.0 if torch.isfinite(total) else 1.0, device=device)
+        if ddp:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            values = {k: v.item() for k, v in outputs.items()}
+            print(f"[rank {rank}] step {step + 1}: total={total.item()} losses={values}",
+                  file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(f"train.py: non-finite loss in step {step + 1} (loss dict above); the last "
+                     f"checkpoint in {run_dir} is untouched. Try a lower train.lr, a longer "
+                     f"train.warmup_steps or train.clip_grad_norm > 0.")
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        grad_norm = None
+        if cfg.train.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                       cfg.train.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+
+        # --- Logging: sums over the window, written every log_every steps (rank 0's values).
+        values = {k: v.item() for k, v in outputs.items()}  # loss_* and stat_*
+        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses})
+        values["total"] = total.item()
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.item()
+        for k, v in values.items():
+            window[k] += v
+            counts[k] += 1
+        steps_in_window += 1
+        lr = scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(total=f"{values['total']:.3f}", lr=f"{lr:.2e}")
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            dt = (time.time() - t_window) / steps_in_window
+            record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr,
+                      "total": window.pop("total") / counts["total"]}
+            record.update({k: window[k] / counts[k] for k in sorted(window)})
+            record.update({"ms_per_step": 1000 * dt, "images_per_s": images_per_step / dt,
+                           "eta_s": dt * (cfg.train.max_steps - step)})
+            if device.type == "cuda":
+                record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            log(record)
+            window.clear()
+            counts.clear()
+            t_window, steps_in_window = time.time(), 0
+
+        t_pause = time.time()  # evaluation and checkpoint time is not step time
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            metrics = run_eval(step)
+        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
+            checkpoint(step, all_rng(), metrics)
+        t_window += time.time() - t_pause
+    bar.close()
+
+    # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate and
+    # store the metrics. The RNG states are those right after the last step, so that a resumed
+    # longer run continues exactly like an uninterrupted one (evaluation draws random numbers).
+    rng = all_rng()
+    checkpoint(step, rng, metrics)
+    metrics = run_eval(step)
+    checkpoint(step, rng, metrics)
+    if master:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(f"train.py: wrote {run_dir / 'metrics.json'} and {ckpt_path}")
+        log_file.close()
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (config.ConfigError, data.DataError, teacher.TeacherError, FileNotFoundError,
+            ValueError) as e:
+        sys.exit(f"train.py: error: {e}")
