@@ -66,7 +66,7 @@ class DataConfig:
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])   # ImageNet
     skip_images_without_base: bool = True  # mmdet filter_empty_gt for training
-    min_box_side: float = 1.0           # boxes with a side below this (original px) are dropped
+    min_box_side: float = 1.0           # boxes with a side below this (original px) are dropped (mmdet: w < 1 or h < 1)
     num_workers: int = 2                # DataLoader worker processes per rank
 
 
@@ -83,30 +83,69 @@ class WorldConfig:
     stretch: list[float] = field(default_factory=lambda: [0.88, 1.12])    # WORLD.md: stretch range
     fill_colors: list[str] = field(default_factory=lambda: ["white"])     # WORLD.md: one fill colour
     captions_per_image: list[int] = field(default_factory=lambda: [1, 3])  # WORLD.md: 1-3 captions
+    min_gap: int = 2                    # px kept between objects' pixels (one fill colour: touching shapes merge); chosen here
+    placement_attempts: int = 50        # tries to place each object before giving up on it; chosen here
+    background_contrast: float = 100.0  # min RGB L2 distance of background/line colours to fill colours; chosen here
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 10.0])  # background noise std range (0-255 scale); chosen here
+    lines: list[int] = field(default_factory=lambda: [0, 2])  # WORLD.md: 0-2 thin background lines
     workers: int = 2                    # processes used to render images
 
 
 @dataclass
 class ClipPretrainConfig:
-    """The Shapes-OV teacher: a small clip.model.CLIP trained by world.py (WORLD.md "Measured")."""
-    embed_dim: int = 128
-    image_resolution: int = 64
-    vision_layers: int = 4
-    vision_width: int = 192
-    vision_patch_size: int = 8
-    context_length: int = 20
+    """The Shapes-OV teacher: a small clip.model.CLIP trained by world.py (WORLD.md "Measured").
+
+    Heads are not a key: clip.load infers them as width // 64, so widths must be multiples of 64.
+    """
+    embed_dim: int = 128                # joint embedding width D (WORLD.md)
+    image_resolution: int = 64          # teacher input size in px (WORLD.md)
+    vision_layers: int = 4              # ViT depth (WORLD.md)
+    vision_width: int = 192             # ViT width -> 3 heads (WORLD.md)
+    vision_patch_size: int = 8          # 8x8 patches -> 8x8 token grid at 64 px (WORLD.md)
+    context_length: int = 32            # text tokens; measured here: longest caption is 27 tokens
     vocab_size: int = 49408             # the clip BPE tokenizer's vocabulary
-    transformer_width: int = 128
-    transformer_heads: int = 2
-    transformer_layers: int = 3
+    transformer_width: int = 128        # text tower width -> 2 heads (WORLD.md)
+    transformer_layers: int = 3         # text tower depth (WORLD.md)
     lr: float = 5e-4                    # AdamW lr (WORLD.md)
     weight_decay: float = 0.05          # only on >= 2-D weights (WORLD.md)
-    warmup_steps: int = 150             # linear warm-up, then cosine (WORLD.md)
-    batch_size: int = 64                # 3/4 single objects, 1/4 scenes (WORLD.md)
-    train_seconds: float = 280.0        # wall-clock budget of the pre-training (WORLD.md: 280 s)
-    num_singles: int = 20000            # size of the single-object pool (WORLD.md)
-    num_scenes: int = 6400              # size of the small-scene pool (WORLD.md)
+    warmup_steps: int = 150             # linear warm-up, then cosine over the time budget (WORLD.md)
+    batch_size: int = 32                # pairs per step; measured here: same samples, 32 beats WORLD.md's 64 (0.955/0.968 vs 0.943/0.957) at ~0.6x the time per step
+    single_fraction: float = 0.75       # share of single-object crops in a batch, rest scenes (WORLD.md)
+    train_seconds: float = 280.0        # wall-clock budget of the pre-training loop (WORLD.md: 280 s)
+    max_steps: int = 0                  # also stop after this many steps (0 = time budget only)
+    num_scenes: int = 6400              # stream scenes rendered; each is a scene sample (WORLD.md: 6400)
+    crops_per_object: int = 1           # single-object crops cut from each stream object (6400 scenes -> ~22k singles; WORLD.md: 20000)
+    crop_scale: list[float] = field(default_factory=lambda: [1.25, 1.75])  # crop side / box side of stream singles; chosen here around the eval's 1.5
+    crop_jitter: float = 0.1            # random crop-centre shift, fraction of the crop side; chosen here
+    single_captions: list[str] = field(default_factory=lambda: [
+        "a {}", "the {}", "one {}", "a single {}", "a {} in the middle"])  # captions of single crops; chosen here, never the eval templates
+    multi_positive: bool = False        # captions with the same key as positives (True) or masked out (False)
+    filler_prob: float = 0.5            # share of captions given 1-2 random unused words, so the unseen template words are ignored; measured here (600 steps): 0 -> 0.86/0.92, 0.5 -> 0.94/0.96 base/novel
+    ema_decay: float = 0.0              # EMA of the weights that is saved (0 = off)
+    amp: bool = True                    # bf16 autocast (WORLD.md: faster on CPU)
+    threads: int = 0                    # torch.set_num_threads (0 = torch's default: all cores)
+    log_every: int = 50                 # steps between progress-bar loss updates
+    eval_crop_scale: float = 1.5        # eval crop side / box's longer side (task spec: ~1.5x)
+    eval_batch_size: int = 256          # crops per forward in the eval
 
+
+@dataclass
+class ProposalConfig:
+    """Class-agnostic proposal network trained on base boxes only (proposals.py; OLN, Kim et al. 2022)."""
+    objectness: str = "iou"             # "iou" (IoU on positives + object fragments), "oln" (centerness on positives) or "rpn"; measured here
+    backbone_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # BasicBlocks per ResNet stage (ResNet-18: 2,2,2,2); measured here
+    amp: bool = True                    # bf16 autocast (CPU with avx512_bf16 and CUDA): ~2x faster, measured here
+    fpn_channels: int = 128             # FPN width (torchvision: 256; halved for 2 CPU cores)
+    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one per level, strides 8-64 (objects 16-56 px)
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])   # torchvision / mmdet default
+    pos_iou: float = 0.3                # positives: IoU >= this (OLN-RPN 0.3; torchvision rpn 0.7)
+    neg_iou: float = 0.3                # rpn mode only: negatives IoU < this (torchvision 0.3)
+    batch_anchors: int = 256            # sampled anchors per image (torchvision / OLN)
+    lr: float = 2e-3                    # AdamW lr, measured here
+    batch_size: int = 16                # images per step
+    train_seconds: float = 180.0        # wall-clock cap of the training (teacher.py total <= 6 min on 2 cores)
+    max_steps: int = 300                # steps (batch 16; ~4,800 images); measured here, the time cap wins when slower
+    pre_nms_top_n: int = 1000           # per level before NMS (torchvision rpn_pre_nms_top_n_test)
 
 @dataclass
 class TeacherConfig:
@@ -115,36 +154,124 @@ class TeacherConfig:
     templates: list[str] = field(default_factory=lambda: [
         "a photo of a {}.", "a drawing of a {}.", "an image showing a {}.", "a picture of the {}."])
     objectness_text: str = "whole entity"  # METHOD 1.2: DetPro "whole entity" objectness text
+    templates_file: str = ""            # one template per line, replaces `templates` when set (COCO: vocab/imagenet_templates.txt)
+    noun_vocab: str = ""                # caption-noun vocabulary file ("" -> the class names; COCO: vocab/coco_nouns.txt)
+    box_embedding: str = "crop"         # "oake" (METHOD 1.3 masked object token) or "crop" (encode_image of the square); Shapes-OV: crop, measured (oake.py)
+    context: str = "longest_side"       # context square side: "longest_side" (scale*max(w,h)) or "sqrt_area" (scale*sqrt(wh))
+    context_scale: float = 1.5          # OADP: sqrt_area with sqrt(8)=2.83; Shapes-OV: 1.5, measured (oake.py docstring)
+    upsample: int = 1                   # OAKE token upsampling (patch stride / upsample); OADP ViT-B/32: 2; unused by "crop"
+    amp: bool = True                    # bf16 autocast for CLIP forwards on CPU (CUDA: fp16 weights); measured here
+    threads: int = 0                    # torch.set_num_threads for teacher.py (0 = torch's default, all cores)
+    box_batch_size: int = 256           # crops per CLIP forward in the extraction
+    image_batch_size: int = 32          # images per extraction step (their boxes are batched together)
+    num_pseudo_boxes: int = 5           # kept proposals per image (object-centric-ovd keeps the top 5; METHOD 1.2)
+    pseudo_min_side: float = 5.0        # kept proposals need both sides > this (original px); COCO 32 px at 800 -> 32*128/800
+    pseudo_nms_iou: float = 0.3         # class-agnostic NMS before the top-k (object-centric-ovd: 0.5; Shapes-OV 0.3, measured)
+    proposals_file: str = ""            # external proposals pickle (MAVL format, METHOD 1.2); "" -> train the proposal network
+    weight_a: float | None = None       # pseudo weight w = a*sigmoid((cos-mu)/sigma); None -> calibrated (official ViT-B/32 detpro: 1.3)
+    weight_mu: float | None = None      # None -> calibrated from the teacher's own statistics (official: 0.31)
+    weight_sigma: float | None = None   # None -> calibrated (official: 0.026)
+    calibration_images: int = 500       # first N train images whose base boxes calibrate (a, mu, sigma)
+    proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig())
 
 
 @dataclass
 class ModelConfig:
-    detector: str = "faster_rcnn"       # "faster_rcnn" (METHOD 7) or "adamixer" (METHOD 2)
-    backbone: str = "resnet18"          # torchvision ResNet name
-    backbone_weights: str = ""          # path to torchvision ImageNet weights ("" = from scratch)
+    """The student detector (METHOD §7; official myfasterrcnn_r50_1x_coco.py)."""
+    detector: str = "faster_rcnn"       # "faster_rcnn" (METHOD 7)
+    backbone: str = "resnet18"          # torchvision ResNet name (COCO: resnet50)
+    backbone_weights: str = ""          # torchvision ImageNet weights file ("" = from scratch)
+    trainable_layers: int = 3           # with weights: stages that train (official frozen_stages=1 -> 3)
+    returned_layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # ResNet stages into the FPN
+    fpn_channels: int = 128             # FPN width (official: 256)
+    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one per FPN level
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # official ratios
+    rpn_fg_iou: float = 0.7             # official RPN MaxIoU pos
+    rpn_bg_iou: float = 0.3             # official RPN MaxIoU neg
+    rpn_batch_size: int = 256           # official RPN sampler size
+    rpn_positive_fraction: float = 0.5  # official
+    rpn_pre_nms_train: int = 2000       # official nms_pre 2000 (per level)
+    rpn_post_nms_train: int = 1000      # official max_per_img 1000
+    rpn_pre_nms_test: int = 1000        # official
+    rpn_post_nms_test: int = 1000       # official
+    rpn_nms_iou: float = 0.7            # official
+    roi_fg_iou: float = 0.5             # official RoI MaxIoU pos = neg = 0.5
+    roi_batch_size: int = 512           # official RoI sampler size
+    roi_positive_fraction: float = 0.25  # official
+    representation_size: int = 1024     # Shared2FC width (official 1024)
     tau_cls: float = 50.0               # cls_tau in the official config (METHOD 1.1)
+    max_pseudo_boxes: int = 5           # max_pseudo_box_num (METHOD 2.4)
+    pseudo_min_side: float = 32.0       # pseudo boxes need w, h > this (resized px; METHOD 2.4)
 
 
 @dataclass
 class DistillConfig:
+    """Switches and constants of the three hierarchies (METHOD 3-5)."""
     instance: bool = True               # H1 instance-wise distillation (METHOD 4)
     class_wise: bool = True             # H2 novel-class-aware classification (METHOD 3.2)
     text_space: bool = False            # H2 text-space distillation (METHOD 3.3; off for FRCNN)
     image: bool = True                  # H3 image-wise distillation (METHOD 5)
+    instance_queue_size: int = 2048     # H1 FIFO queue length (METHOD 4)
+    instance_tau: float = 0.05          # H1 contrastive temperature (logit scale 20, METHOD 4)
+    image_queue_size: int = 512         # H3 queue length (METHOD 5)
+    image_tau: float = 0.05             # H3 temperature (logit scale 20, METHOD 5)
+    text_tau: float = 0.05              # H2 text contrastive temperature (logit scale 20, METHOD 3.3)
+    rkd_scale: float = 5.0              # rkd_tau (METHOD 4)
+    kd_temperature: float = 10.0        # mmdet KD-KL temperature T (METHOD 4)
+
+
+@dataclass
+class LossConfig:
+    """Weight of each loss_* term (METHOD 6, 7; Faster R-CNN values)."""
+    rpn_objectness: float = 1.0         # official RPN sigmoid CE weight
+    rpn_box: float = 1.0                # official RPN L1 weight
+    cls: float = 1.0                    # official CE weight
+    box: float = 1.0                    # official L1 weight
+    skd: float = 0.1                    # H1 contrastive (FRCNN 0.1, AdaMixer 0.5)
+    rkd: float = 1.0                    # H1 relational (FRCNN 1.0, AdaMixer 5.0)
+    text_skd: float = 0.5               # H2 text contrastive (AdaMixer 0.5)
+    text_rkd: float = 5.0               # H2 text relational (AdaMixer 5.0)
+    img: float = 0.1                    # H3 (FRCNN 0.1, AdaMixer 0.2)
+
+
+@dataclass
+class InferenceConfig:
+    """Test-time ensemble and post-processing (METHOD 7)."""
+    alpha: float = 0.25                 # weight of the visual branch on base classes (FRCNN)
+    beta: float = 0.45                  # weight of the visual branch on novel classes (FRCNN)
+    vis_scale: float = 20.0             # p2 = sigmoid(vis_scale * cos(fc_vis, t)) (METHOD 7)
+    score_thresh: float = 0.05          # official FRCNN score_thr
+    nms_iou: float = 0.5                # official class-wise NMS IoU (FRCNN)
+    max_detections: int = 100           # official max_per_img
 
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "adamw"            # "adamw" or "sgd"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 8                 # images per process
-    max_steps: int = 800
+    optimizer: str = "adamw"            # "adamw" (official AdaMixer) or "sgd" (official FRCNN, METHOD 8.4)
+    lr: float = 1e-3                    # peak lr for the whole batch (official: AdamW 5e-5 / SGD 0.02 at 16 images)
+    momentum: float = 0.9               # SGD momentum (official FRCNN 0.9); unused by AdamW
+    weight_decay: float = 1e-4          # official 1e-4 (both detectors, METHOD 8.4)
+    no_decay_norm_bias: bool = False    # exempt 1-D params (norms, biases) from decay (official Swin-B only)
+    batch_size: int = 8                 # images per process (official 4 per GPU x 4 GPUs)
+    max_steps: int = 800                # optimizer steps in total (official 1x: ~80.8k at 16 images)
+    warmup_steps: int = 100             # linear warm-up length (official 500 iters)
+    warmup_ratio: float = 0.001         # lr factor at step 0 of the warm-up (official 0.001)
+    milestones: list[int] = field(default_factory=lambda: [533, 733])  # lr x gamma from these steps (official: epochs 8, 11 of 12)
+    gamma: float = 0.1                  # step-decay factor (official 0.1)
+    clip_grad_norm: float = 1.0         # max L2 norm of all grads, 0 = off (official AdaMixer 1.0, FRCNN off)
+    amp: bool = True                    # autocast: CUDA bf16/fp16; CPU bf16 only (1.5x faster here, measured)
+    amp_dtype: str = "bfloat16"         # "bfloat16" (no loss scaling) or "float16" (with GradScaler)
+    log_every: int = 20                 # steps between log.jsonl lines
+    eval_every: int = 0                 # steps between evaluations, 0 = only at the end
+    ckpt_every: int = 200               # steps between checkpoints (one is always written at the end)
+    resume: bool = True                 # continue from runs/<name>/ckpt.pth when it exists
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 16                # images per forward at test time
+    max_images: int = 0                 # evaluate only the first N val images, 0 = all
+    vis_score_thresh: float = 0.3       # evaluate.py --images: draw detections with score >= this
 
 
 @dataclass
@@ -156,6 +283,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -1,0 +1,301 @@
+"""Class-agnostic proposals (pseudo boxes, METHOD 1.2): a proposal network trained on base boxes only.
+
+HD-OVD reads ``coco_proposal_train_object_centric.pkl``, most likely the MAVL class-agnostic
+proposals of object-centric-ovd (top 5 after NMS 0.5). MAVL is a large text-conditioned detector;
+here a small network is trained on the base boxes instead (teacher.py calls it), and an external
+pickle in the MAVL format is accepted too (``load_proposal_file``).
+
+The danger of training on base boxes only: novel objects sit unannotated in the training images,
+so a standard RPN samples them as background and learns to suppress them. None of the modes below
+has a background class except the baseline:
+* ``"oln"``: OLN (Kim et al. 2022, "Learning Open-World Object Proposals without Learning to
+  Classify"), first stage: the objectness output regresses the centerness of the anchor centre in
+  its matched box (FCOS's formula), L1 on the sigmoid, on positive anchors (IoU >= 0.3) only.
+* ``"iou"`` (default): the output regresses the anchor's IoU with its matched box, on positives
+  AND on "fragment" anchors, whose centre lies inside an annotated box but whose IoU is below the
+  positive threshold (half of the 256 samples each). Fragments are the only negatives it sees, and
+  they sit on annotated objects, never on unannotated novel ones. This stands in for OLN's second
+  stage (an IoU-regressing box head): with centerness alone, anchors much smaller than an object
+  but centred in it (never trained) score high, and their part-of-an-object boxes filled the top 5.
+* ``"rpn"``: torchvision's RPN loss (positives IoU >= 0.7 vs sampled negatives IoU < 0.3, BCE).
+Recall of the kept proposals (<= 5 per image, NMS, sides > 5 px) on Shapes-OV val, 300 steps of 16
+images, ResNet with [1, 1, 1, 1] blocks, base / novel: oln 0.877 / 0.701 at NMS 0.5 and
+0.912 / 0.719 at NMS 0.3 (of the top-5 slots 40% held boxes covering no object, 2/3 of them
+object fragments); iou 0.988 / 0.943 at NMS 0.3; rpn: see the report. With 100 kept proposals
+both quality modes cover >= 0.96 of novel objects: ranking, not coverage, decides the top 5.
+
+Contract
+* ``build_proposal_net(pcfg)`` -> ``ProposalNet``: ``net(images (B, 3, H, W) normalised, padded)``
+  -> (logits (B, N), deltas (B, N, 4), anchors B x (N, 4), anchors per level); N over all levels.
+* ``train_proposal_net(cfg, device)`` -> (net, info): ``max_steps`` steps or ``train_seconds``.
+* ``propose(net, images, image_sizes, ...)`` -> list of (boxes (k, 4) xyxy in the input frame,
+  scores (k,)), sorted by score, after clipping, the minimum side, class-agnostic NMS and top-k.
+* ``load_proposal_file(path, coco, ...)`` -> {image id: boxes (k, 4) original pixels}.
+* ``recall(proposals, coco, cat_ids)`` -> (covered, total): objects with a proposal at IoU >= 0.5.
+Boxes are xyxy pixels; ``_orig`` names mean original image pixels.
+
+References: torchvision.models.detection (rpn.py, backbone_utils.py, _utils.BoxCoder);
+OLN configs (oln_rpn: pos IoU 0.3, 256 positive-only samples, L1 on centerness).
+Deviations: OLN's second stage (OLN-Box, IoU-regressing RoI head) is replaced by the "iou" mode
+above, the box loss is torchvision's smooth L1 on deltas instead of an IoU loss, and the network
+is a small ResNet (BasicBlocks, ``backbone_blocks``) + FPN from scratch (OLN: ImageNet ResNet-50).
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+import data
+
+RETURNED_LAYERS = [2, 3, 4]  # ResNet stages -> FPN levels at strides 8, 16, 32 (+ max-pool 64)
+BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision RPN BoxCoder weights
+
+
+class ProposalNet(nn.Module):
+    """ResNet + FPN + torchvision RPNHead: one objectness logit and 4 deltas per anchor."""
+
+    def __init__(self, pcfg):
+        super().__init__()
+        if len(pcfg.anchor_sizes) != len(RETURNED_LAYERS) + 1:
+            raise ValueError(f"teacher.proposals.anchor_sizes needs {len(RETURNED_LAYERS) + 1} "
+                             f"sizes (one per FPN level), got {pcfg.anchor_sizes}")
+        # torchvision's ResNet with BasicBlocks, from scratch (trainable BatchNorm); [2,2,2,2] is
+        # ResNet-18, the default [1,1,1,1] has half its cost, which 2 CPU cores need
+        body = resnet.ResNet(resnet.BasicBlock, list(pcfg.backbone_blocks))
+        stage2 = body.inplanes // 8  # channels of layer1 (torchvision resnet_fpn_backbone)
+        self.backbone = BackboneWithFPN(
+            body, {f"layer{k}": str(i) for i, k in enumerate(RETURNED_LAYERS)},
+            [stage2 * 2 ** (k - 1) for k in RETURNED_LAYERS], pcfg.fpn_channels,
+            extra_blocks=LastLevelMaxPool())
+        self.anchors = AnchorGenerator(tuple((s,) for s in pcfg.anchor_sizes),
+                                       (tuple(pcfg.anchor_ratios),) * len(pcfg.anchor_sizes))
+        self.head = RPNHead(pcfg.fpn_channels, len(pcfg.anchor_ratios))
+        self.box_coder = BoxCoder(BOX_CODER_WEIGHTS)
+
+    def forward(self, images, image_sizes):
+        feats = list(self.backbone(images).values())
+        logits, deltas = self.head(feats)  # per level: (B, A, h, w), (B, 4A, h, w)
+        # anchors in float32 even under bf16 autocast (bf16 has a 0.5 px step at 64-128 px)
+        anchors = self.anchors(ImageList(images, image_sizes), [f[:1, :1].float() for f in feats])
+        num_per_level = [l[0].numel() for l in logits]  # A*h*w anchors per level
+        logits, deltas = concat_box_prediction_layers(logits, deltas)  # (B*N, 1), (B*N, 4)
+        b = images.shape[0]
+        return logits.view(b, -1), deltas.view(b, -1, 4), anchors, num_per_level  # (B, N), (B, N, 4)
+
+
+def build_proposal_net(pcfg) -> ProposalNet:
+    if pcfg.objectness not in ("oln", "iou", "rpn"):
+        raise ValueError(f"teacher.proposals.objectness must be 'oln', 'iou' or 'rpn', got "
+                         f"{pcfg.objectness!r}")
+    return ProposalNet(pcfg)
+
+
+def centerness(anchors, boxes):
+    """FCOS centerness of each anchor centre in its box (R,): sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))."""
+    cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+    lr = torch.stack([cx - boxes[:, 0], boxes[:, 2] - cx], 1).clamp(min=0)  # (R, 2)
+    tb = torch.stack([cy - boxes[:, 1], boxes[:, 3] - cy], 1).clamp(min=0)  # (R, 2)
+    ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-6)) * \
+            (tb.min(1).values / tb.max(1).values.clamp(min=1e-6))
+    return ratio.sqrt()
+
+
+def proposal_losses(net, logits, deltas, anchors, gt_boxes, pcfg) -> dict:
+    """loss_objectness (per ``pcfg.objectness``) and loss_box, averaged over the images; gt_boxes: B x (G, 4)."""
+    loss_obj, loss_box = [], []
+    for b, (a, g) in enumerate(zip(anchors, gt_boxes)):
+        if len(g) == 0:
+            if pcfg.objectness == "rpn":  # all anchors are background
+                idx = torch.randperm(len(a), device=a.device)[:pcfg.batch_anchors]
+                loss_obj.append(F.binary_cross_entropy_with_logits(logits[b, idx], torch.zeros_like(logits[b, idx])))
+            continue
+        iou = box_iou(g, a)                                        # (G, N)
+        best, matched = iou.max(0)                                 # (N,)
+        pos = best >= pcfg.pos_iou
+        # each GT's best anchors are positive too (torchvision allow_low_quality_matches)
+        pos |= ((iou == iou.max(1, keepdim=True).values) & (iou > 0)).any(0)
+        pos_idx = pos.nonzero()[:, 0]
+        target_boxes = g[matched]                                  # (N, 4)
+        if pcfg.objectness == "oln":  # positives only, quality target, no background
+            pos_idx = pos_idx[torch.randperm(len(pos_idx), device=a.device)[:pcfg.batch_anchors]]
+            quality = centerness(a[pos_idx], target_boxes[pos_idx])
+            loss_obj.append(F.l1_loss(logits[b, pos_idx].sigmoid(), quality))
+            num = len(pos_idx)
+        elif pcfg.objectness == "iou":  # quality = IoU, also on fragments of annotated objects
+            cx, cy = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
+            inside = ((cx >= g[:, 0:1]) & (cx <= g[:, 2:3]) &
+                      (cy >= g[:, 1:2]) & (cy <= g[:, 3:4])).any(0)  # centre in a GT box: (N,)
+            frag_idx = (inside & ~pos).nonzero()[:, 0]
+            pos_idx = pos_idx[torch.randperm(len(pos_idx), device=a.device)[:pcfg.batch_anchors // 2]]
+            frag_idx = frag_idx[torch.randperm(len(frag_idx), device=a.device)[:pcfg.batch_anchors - len(pos_idx)]]
+            idx = torch.cat([pos_idx, frag_idx])
+            loss_obj.append(F.l1_loss(logits[b, idx].sigmoid(), best[idx]))
+            num = len(idx)
+        else:  # torchvision RPN: <= half positives, negatives IoU < neg_iou, BCE
+            pos_idx = pos_idx[torch.randperm(len(pos_idx), device=a.device)[:pcfg.batch_anchors // 2]]
+            neg_idx = ((best < pcfg.neg_iou) & ~pos).nonzero()[:, 0]
+            neg_idx = neg_idx[torch.randperm(len(neg_idx), device=a.device)[:pcfg.batch_anchors - len(pos_idx)]]
+            idx = torch.cat([pos_idx, neg_idx])
+            labels = (torch.arange(len(idx), device=a.device) < len(pos_idx)).float()  # 1 = object
+            loss_obj.append(F.binary_cross_entropy_with_logits(logits[b, idx], labels))
+            num = len(idx)
+        reg = net.box_coder.encode_single(target_boxes[pos_idx], a[pos_idx])  # (P, 4)
+        # torchvision RPN: smooth L1 (beta 1/9) summed, divided by the sampled anchors
+        loss_box.append(F.smooth_l1_loss(deltas[b, pos_idx], reg, beta=1 / 9, reduction="sum") / max(num, 1))
+    zero = logits.sum() * 0
+    return {"loss_objectness": torch.stack(loss_obj).mean() if loss_obj else zero,
+            "loss_box": torch.stack(loss_box).mean() if loss_box else zero}
+
+
+def batch_images(images: list, size_divisible: int = 32):
+    """Zero-pad normalised images to one (B, 3, H, W) tensor; returns it and the (h, w) sizes."""
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    h = int(math.ceil(max(s[0] for s in sizes) / size_divisible) * size_divisible)
+    w = int(math.ceil(max(s[1] for s in sizes) / size_divisible) * size_divisible)
+    batch = images[0].new_zeros(len(images), 3, h, w)
+    for im, out in zip(images, batch):
+        out[:, :im.shape[1], :im.shape[2]].copy_(im)
+    return batch, sizes
+
+
+def train_proposal_net(cfg, device="cpu", log=print):
+    """Train on the train split's base boxes (flip augmentation) for the configured time budget."""
+    pcfg = cfg.teacher.proposals
+    torch.manual_seed(cfg.run.seed)
+    net = build_proposal_net(pcfg).to(device, memory_format=torch.channels_last).train()
+    dataset = data.build_dataset(cfg, "train", knowledge=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=pcfg.batch_size, shuffle=True, drop_last=len(dataset) > pcfg.batch_size,
+        num_workers=cfg.data.num_workers, collate_fn=data.collate,
+        persistent_workers=cfg.data.num_workers > 0)
+    opt = torch.optim.AdamW(net.parameters(), lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
+    warmup = 50  # steps of linear warm-up (chosen here; short runs)
+    start, step, smooth = time.time(), 0, None
+    while True:
+        for images, targets in loader:
+            progress = max(step / pcfg.max_steps, (time.time() - start) / pcfg.train_seconds)
+            if progress >= 1:
+                break
+            lr = pcfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch, sizes = batch_images(images)
+            batch = batch.to(device, memory_format=torch.channels_last)  # faster convs (measured)
+            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=pcfg.amp):
+                logits, deltas, anchors, _ = net(batch, sizes)
+            logits, deltas = logits.float(), deltas.float()
+            losses = proposal_losses(net, logits, deltas, anchors,
+                                     [t["boxes"].to(device) for t in targets], pcfg)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+            if step % 50 == 0:
+                log(f"proposal net step {step} loss {smooth:.4f} lr {lr:.2e} "
+                    f"{time.time() - start:.0f}s")
+        else:
+            continue
+        break
+    info = {"steps": step, "seconds": time.time() - start, "final_loss": smooth,
+            "config": asdict(pcfg)}
+    return net.eval(), info
+
+
+@torch.no_grad()
+def propose(net, images, image_sizes, top_k: int, nms_iou: float, min_side, pre_nms_top_n: int,
+            amp: bool = False):
+    """Kept proposals per image: list of (boxes (k, 4), scores (k,)) in the input (resized) frame.
+
+    ``min_side`` (float or one per image): boxes need both sides > it; ``amp``: bf16 autocast. Per level the top
+    ``pre_nms_top_n`` anchors by score are decoded, then clipping, the size filter, NMS, top-k.
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits, deltas, anchors, num_per_level = net(images.contiguous(memory_format=torch.channels_last),
+                                                     image_sizes)
+    scores, deltas = logits.float().sigmoid(), deltas.float()                      # (B, N), (B, N, 4)
+    # top-n per level, as torchvision's filter_proposals, for the whole batch at once
+    idx, offset = [], 0
+    for n in num_per_level:
+        idx.append(scores[:, offset:offset + n].topk(min(pre_nms_top_n, n), dim=1).indices + offset)
+        offset += n
+    idx = torch.cat(idx, 1)                                                       # (B, K)
+    scores = scores.gather(1, idx)                                                # (B, K)
+    deltas = deltas.gather(1, idx[..., None].expand(-1, -1, 4))                   # (B, K, 4)
+    anchors = torch.stack(anchors).gather(1, idx[..., None].expand(-1, -1, 4))    # (B, K, 4)
+    boxes_all = net.box_coder.decode_single(deltas.reshape(-1, 4), anchors.reshape(-1, 4))
+    boxes_all = boxes_all.view(idx.shape[0], -1, 4)                               # (B, K, 4)
+    out = []
+    for b, size in enumerate(image_sizes):
+        boxes = clip_boxes_to_image(boxes_all[b], size)
+        side = min_side[b] if isinstance(min_side, (list, tuple)) else min_side
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = ((wh[:, 0] > side) & (wh[:, 1] > side)).nonzero()[:, 0]
+        keep = keep[nms(boxes[keep], scores[b, keep], nms_iou)[:top_k]]  # by decreasing score
+        out.append((boxes[keep].cpu(), scores[b, keep].cpu()))
+    return out
+
+
+def load_proposal_file(path, coco, top_k: int, nms_iou: float, min_side: float) -> dict:
+    """{image id: boxes (k, 4) original px} from a MAVL-format pickle.
+
+    The pickle is a list aligned with ``coco.dataset["images"]`` (the order of
+    instances_train2017.48.json), each an array (n, 4) or (n, 5) of xyxy original-pixel boxes
+    with an optional score column; the same size filter, NMS and top-k as the network apply.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher.proposals_file '{path}' not found (MAVL class-agnostic "
+                                f"proposals of object-centric-ovd, or leave it empty to train a "
+                                f"proposal network)")
+    with open(path, "rb") as f:
+        items = pickle.load(f)
+    images = coco.dataset["images"]
+    if not isinstance(items, (list, tuple)) or len(items) != len(images):
+        raise ValueError(f"proposals file '{path}' must be a list with one array per image of the "
+                         f"train annotation file ({len(images)} images), got "
+                         f"{type(items).__name__} of length {len(items) if hasattr(items, '__len__') else '?'}")
+    out = {}
+    for info, arr in zip(images, items):
+        arr = torch.as_tensor(np.asarray(arr, dtype=np.float32)).reshape(-1, np.shape(arr)[-1] if len(arr) else 4)
+        boxes = arr[:, :4]
+        scores = arr[:, 4] if arr.shape[1] > 4 else torch.linspace(1, 0, len(arr))  # file order
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = ((wh[:, 0] > min_side) & (wh[:, 1] > min_side)).nonzero()[:, 0]
+        keep = keep[nms(boxes[keep], scores[keep], nms_iou)[:top_k]]
+        out[info["id"]] = boxes[keep]
+    return out
+
+
+def recall(proposals: dict, coco, cat_ids, iou: float = 0.5) -> tuple[int, int]:
+    """(covered, total) over non-crowd objects of ``cat_ids``: covered = a proposal at IoU >= iou."""
+    covered = total = 0
+    cat_ids = set(cat_ids)
+    for img_id, boxes in proposals.items():
+        gt = [a["bbox"] for a in coco.imgToAnns[img_id]
+              if a["category_id"] in cat_ids and not a.get("iscrowd", 0)]
+        if not gt:
+            continue
+        gt = torch.tensor(gt, dtype=torch.float32)
+        gt[:, 2:] += gt[:, :2]  # xywh -> xyxy
+        total += len(gt)
+        if len(boxes):
+            covered += int((box_iou(gt, boxes.float()).max(1).values >= iou).sum())
+    return covered, total

@@ -1,0 +1,527 @@
+"""The CLIP teacher: offline knowledge for HD-OVD (METHOD 1.2-1.4, 10.2).
+
+CLIP never runs inside the training loop. ``python teacher.py --config config.yaml`` (or
+``build_knowledge(cfg)``, which train.py calls when files are missing) computes everything once:
+
+1. class-agnostic proposals (pseudo boxes): the proposal network of ``proposals.py`` trained on
+   base boxes only (cached as ``proposal_net.pt``), or an external MAVL proposals pickle;
+2. ``class_embeddings.pt``: {"class_names": base + novel, "embeddings": (C, D) float32,
+   "objectness": (D,) float32 ("whole entity"), "templates", "clip_model"}; prompt-ensembled and
+   L2-normalised by ``text_embeddings`` (the same function embeds caption nouns, so a pseudo "ring"
+   label and the test-time "ring" class are the same vector);
+3. ``calibration.json``: the constants of the pseudo-label weight w = a*sigmoid((cos - mu)/sigma);
+4. one file per train image, ``<knowledge_dir>/<image file stem>.pt`` (the contract is in data.py's
+   docstring): image_emb (D,) fp16; gt_ann_ids (n,) int64 and gt_emb (n, D) fp16 for every
+   annotation of the image in the TRAIN file, in file order; pseudo_boxes (P, 4) float32 xyxy
+   ORIGINAL pixels (P <= teacher.num_pseudo_boxes); pseudo_img_emb, pseudo_txt_emb (P, D) fp16;
+   pseudo_weight (P,) float32; pseudo_nouns list[str]. Embeddings are L2-normalised;
+5. ``stats.json``: proposal recall (val, all labels), region accuracy, pseudo-label accuracy,
+   calibration constants, counts and seconds per phase.
+Files are written atomically (tmp + os.replace); a file that exists and loads is never redone;
+``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE) splits the images between processes.
+
+The parts live in one file per concept: ``oake.py`` (box and image embeddings, METHOD 1.3),
+``proposals.py`` (class-agnostic proposal network), ``pseudo_labels.py`` (caption nouns and the
+weight, METHOD 1.4). This file loads CLIP, embeds text and runs the extraction.
+
+Shapes-OV settings (teacher of world.py; val GT boxes, 16-way zero-shot): the context rule, its
+scale and the upsampling factor were picked by measurement; the figures are in LOG.md and in
+``stats.json`` (``region_acc_*``), speeds from ``bench/extract_speed.py``.
+
+Letters: R boxes, C classes, T templates, D embedding width.
+
+References: METHOD.md 1.2-1.4, 10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
+prompt ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
+Deviations:
+* Proposals come from a small network trained here on base boxes (``proposals.py``) unless a
+  MAVL file is given; the official pickle's origin is unverified (METHOD 11).
+* The pseudo-weight constants are calibrated on this teacher, not copied from ViT-B/32.
+* Pseudo-label accuracy needs labels that train images do not have for novel objects, so
+  stats.json measures it on train base objects (``pseudo_label_acc``) and on val proposals with
+  the present categories as caption nouns (``pseudo_label_acc_val_*``; world.py's captions name
+  every category present).
+* Images without any caption noun take the class names as candidate nouns.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+with warnings.catch_warnings():  # clip imports the deprecated pkg_resources (harmless)
+    warnings.simplefilter("ignore", UserWarning)
+    import clip
+
+import config as config_lib
+import data
+import proposals as proposals_lib
+from oake import embed_images_and_boxes, model_device
+from pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
+                           pseudo_weight)
+
+
+class TeacherError(RuntimeError):
+    """A teacher input is missing or invalid; the message names the file/key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading CLIP (offline only: never downloads)
+# ----------------------------------------------------------------------------------------------
+
+def clip_search_dirs(clip_dir: str = "") -> list[Path]:
+    """Folders searched for OpenAI checkpoints: clip_dir, $HDOVD_CLIP_DIR, ~/.cache/clip."""
+    dirs = [clip_dir, os.environ.get("HDOVD_CLIP_DIR", ""), os.path.expanduser("~/.cache/clip")]
+    return [Path(d) for d in dirs if d]
+
+
+def resolve_clip_path(name_or_path: str, clip_dir: str = "") -> Path:
+    """A checkpoint file for an OpenAI model name ("ViT-B/32") or an existing path."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    urls = clip.clip._MODELS  # name -> download URL; the file name is the URL's last part
+    if name_or_path not in urls:
+        raise TeacherError(
+            f"teacher.clip_model '{name_or_path}' is neither a file nor an OpenAI CLIP name "
+            f"({', '.join(urls)}); for Shapes-OV build the teacher with "
+            f"`python world.py --config config.yaml`")
+    file_name = os.path.basename(urls[name_or_path])
+    dirs = clip_search_dirs(clip_dir)
+    for d in dirs:
+        if (d / file_name).is_file():
+            return d / file_name
+    raise TeacherError(
+        f"CLIP checkpoint {file_name} for '{name_or_path}' not found in "
+        f"{', '.join(str(d) for d in dirs)} (this machine is offline). Download "
+        f"{urls[name_or_path]} on a connected machine and put it into one of these folders "
+        f"(teacher.clip_dir or $HDOVD_CLIP_DIR), or set teacher.clip_model to its path")
+
+
+def load_clip(name_or_path: str, device="cpu", clip_dir: str = ""):
+    """(model, preprocess) from an OpenAI name or a path; JIT archives and state dicts alike.
+
+    clip.load rebuilds an eager ``clip.model.CLIP`` from either format (``jit=False``); weights are
+    fp32 on CPU and fp16 on CUDA, as clip.load makes them. The model is in eval mode.
+    """
+    path = resolve_clip_path(name_or_path, clip_dir)
+    try:
+        with warnings.catch_warnings():  # clip.load probes for a JIT archive first (deprecated API)
+            warnings.simplefilter("ignore", FutureWarning)
+            model, preprocess = clip.load(str(path), device=device, jit=False)
+    except Exception as e:  # torch raises several types for foreign/truncated files
+        raise TeacherError(f"cannot load CLIP checkpoint '{path}' (teacher.clip_model): {e}") from None
+    if not hasattr(model.visual, "transformer"):
+        raise TeacherError(f"CLIP checkpoint '{path}' has a ResNet image tower; OAKE box embeddings "
+                           f"need a ViT (e.g. ViT-B/32)")
+    return model.eval().requires_grad_(False), preprocess
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Text embeddings (prompt ensemble)
+# ----------------------------------------------------------------------------------------------
+
+def load_templates(cfg) -> list[str]:
+    """teacher.templates, or the lines of teacher.templates_file when it is set."""
+    t = cfg.teacher
+    if t.templates_file:
+        path = Path(t.templates_file)
+        if not path.is_file():
+            raise TeacherError(f"teacher.templates_file '{path}' not found (one template per line, "
+                               f"e.g. vocab/imagenet_templates.txt)")
+        templates = [ln.strip() for ln in path.read_text().splitlines()
+                     if ln.strip() and not ln.startswith("#")]
+    else:
+        templates = list(t.templates)
+    bad = [x for x in templates if x.count("{}") != 1]
+    if not templates or bad:
+        raise TeacherError(f"prompt templates must each contain one '{{}}', got {bad or templates}")
+    return templates
+
+
+@torch.no_grad()
+def text_embeddings(model, names: list[str], templates: list[str], batch_size: int = 512):
+    """FloatTensor[C, D] on CPU: mean over templates of normalised text embeddings, re-normalised.
+
+    CLIP's ImageNet recipe. Used for class names, the objectness text and caption nouns alike.
+    """
+    prompts = [t.format(n) for n in names for t in templates]  # C*T, class-major
+    try:
+        tokens = clip.tokenize(prompts, context_length=model.context_length)
+    except RuntimeError as e:
+        raise TeacherError(f"a prompt is longer than the text tower's {model.context_length} "
+                           f"tokens ({e}); shorten teacher.templates or the name") from None
+    out = []
+    for chunk in tokens.split(batch_size):
+        out.append(F.normalize(model.encode_text(chunk.to(model_device(model))).float(), dim=-1))
+    emb = torch.cat(out).view(len(names), len(templates), -1).mean(1)  # (C*T, D) -> (C, T, D) -> (C, D)
+    return F.normalize(emb, dim=-1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Offline extraction: proposals -> calibration -> per-image knowledge files -> stats
+# ----------------------------------------------------------------------------------------------
+
+def class_embeddings_path(cfg) -> Path:
+    return data.knowledge_dir(cfg) / "class_embeddings.pt"
+
+
+def stats_path(cfg) -> Path:
+    return data.knowledge_dir(cfg) / "stats.json"
+
+
+def knowledge_is_built(cfg) -> bool:
+    """True when class_embeddings.pt and stats.json exist (stats.json is written last, once every
+    train image has its file)."""
+    return class_embeddings_path(cfg).is_file() and stats_path(cfg).is_file()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+
+
+def _file_done(path: Path) -> bool:
+    """A knowledge file exists and loads with every key (a half-written file would not)."""
+    try:
+        k = torch.load(path, map_location="cpu", weights_only=True)
+        return all(key in k for key in data.KNOWLEDGE_KEYS)
+    except Exception:  # missing, truncated or foreign file: redo it
+        return False
+
+
+def _device(cfg) -> str:
+    if cfg.run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.run.device
+
+
+def _split_dataset(cfg, split: str, transforms=None):
+    """OVDetectionDataset over every image of the split (no skipping), for reading boxes/images."""
+    d = cfg.data
+    root = Path(d.root)
+    image_dir = root / (d.train_images if split == "train" else d.val_images)
+    ann = root / (d.train_ann if split == "train" else d.val_ann)
+    return data.OVDetectionDataset(image_dir, ann, d.base_classes + d.novel_classes,
+                                   len(d.base_classes), transforms, train=False)
+
+
+def _gt_boxes(coco, info, cat_ids=None, crowd: bool = True):
+    """(ann ids (n,), boxes (n, 4) xyxy clipped into the image, >= 1 px, category ids (n,)) of the
+    image's annotations in file order, optionally only of ``cat_ids`` and without crowd regions."""
+    anns = [a for a in coco.imgToAnns[info["id"]] if (cat_ids is None or a["category_id"] in cat_ids)
+            and (crowd or not a.get("iscrowd", 0))]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+    size = torch.tensor([info["width"], info["height"]], dtype=torch.float32)
+    lo = torch.minimum(boxes[:, :2].clamp(min=0), size - 1)
+    hi = torch.minimum(torch.maximum(boxes[:, 2:], lo + 1), size)  # degenerate boxes get 1 px
+    boxes = torch.cat([lo, hi], 1)
+    return (torch.tensor([a["id"] for a in anns], dtype=torch.int64),
+            boxes, [a["category_id"] for a in anns])
+
+
+
+class NounBank:
+    """Caches prompt-ensembled noun embeddings (the class-embedding function, same templates)."""
+
+    def __init__(self, model, templates, class_names, class_emb):
+        self.model, self.templates = model, templates
+        self.emb = dict(zip(class_names, class_emb))
+        self.class_names = list(class_names)
+
+    def add(self, nouns):
+        new = sorted({n for n in nouns if n not in self.emb})
+        if new:
+            self.emb.update(zip(new, text_embeddings(self.model, new, self.templates)))
+
+    def candidates(self, nouns: list[str]):
+        """(nouns, (N, D)); an image without caption nouns falls back to the class names."""
+        nouns = nouns or self.class_names
+        return nouns, torch.stack([self.emb[n] for n in nouns])
+
+
+def _calibration(cfg, model, preprocess, train, nouns, bank, log) -> dict:
+    """Weight constants: from the config when all three are set, else fitted (calibrate_weight)."""
+    t = cfg.teacher
+    given = (t.weight_a, t.weight_mu, t.weight_sigma)
+    if all(v is not None for v in given):
+        return {"a": t.weight_a, "mu": t.weight_mu, "sigma": t.weight_sigma, "source": "config"}
+    if any(v is not None for v in given):
+        raise TeacherError("set all three of teacher.weight_a/weight_mu/weight_sigma, or none "
+                           "(null = calibrated)")
+    names = cfg.data.base_classes + cfg.data.novel_classes
+    cat_name = {c: names[l] for c, l in train.cat_id_to_label.items()}
+    base_cats = {train.label_to_cat_id[l] for l in range(len(cfg.data.base_classes))}
+    infos = [train.image_info(i) for i in range(min(t.calibration_images, len(train)))]
+    gts = [_gt_boxes(train.coco, info, base_cats, crowd=False) for info in infos]
+    cos, correct = [], []
+    for idx, _, embs in embed_images_and_boxes(model, preprocess, cfg.teacher, train.image_dir,
+                                               infos, [g[1] for g in gts], cfg.data.num_workers):
+        for i, emb in zip(idx, embs):
+            if len(emb) == 0:
+                continue
+            cand, noun_emb = bank.candidates(nouns.get(infos[i]["id"], []))
+            cos.append((emb @ noun_emb.T).flatten())  # every (box, noun) pair: (R*N,)
+            correct += [n == cat_name[k] for k in gts[i][2] for n in cand]
+    cal = calibrate_weight(torch.cat(cos), torch.tensor(correct, dtype=torch.float32))
+    cal["source"] = (f"(base GT box, caption noun) pairs of the first {len(infos)} train images")
+    log(f"pseudo weight: a={cal['a']:.3f} mu={cal['mu']:.4f} sigma={cal['sigma']:.4f} "
+        f"({cal['num_samples']} pairs, {cal['frac_correct']:.3f} right)")
+    return cal
+
+
+def _proposal_net(cfg, device, shard: int, force: bool, log):
+    """The cached proposal network (trained by shard 0 when missing or configured differently)."""
+    path = data.knowledge_dir(cfg) / "proposal_net.pt"
+    wanted = config_lib.config_to_dict(cfg)["teacher"]["proposals"]
+    started = time.time()
+    while True:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        fresh = ckpt is not None and ckpt["info"]["config"] == wanted and \
+            not (force and path.stat().st_mtime < started)
+        if fresh or shard == 0:
+            break
+        if time.time() - started > 2 * cfg.teacher.proposals.train_seconds + 600:
+            raise TeacherError(f"shard {shard}: shard 0 never wrote {path}; run shard 0 first")
+        log(f"shard {shard}: waiting for shard 0 to write {path}")
+        time.sleep(10)
+    if fresh:
+        net = proposals_lib.build_proposal_net(cfg.teacher.proposals)
+        net.load_state_dict(ckpt["model"])
+        return net.to(device).eval(), ckpt["info"]
+    if ckpt is not None and not force:
+        log(f"{path} was trained with another teacher.proposals config: retraining")
+    net, info = proposals_lib.train_proposal_net(cfg, device, log)
+    _save_atomic({"model": net.state_dict(), "info": info}, path)
+    return net, info
+
+
+@torch.no_grad()
+def run_proposals(net, cfg, split: str, indices, device) -> dict:
+    """{image id: (boxes (k, 4) ORIGINAL px, scores (k,))} of the kept proposals."""
+    t = cfg.teacher
+    dataset = _split_dataset(cfg, split, data.build_transforms(cfg, train=False))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
+                                         batch_size=32, num_workers=cfg.data.num_workers,
+                                         collate_fn=data.collate)
+    out = {}
+    for images, targets in loader:
+        batch, sizes = proposals_lib.batch_images(images)
+        ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)
+        kept = proposals_lib.propose(net, batch.to(device), sizes, t.num_pseudo_boxes,
+                                     t.pseudo_nms_iou, [t.pseudo_min_side * r[0].item() for r in ratios],
+                                     t.proposals.pre_nms_top_n, t.proposals.amp)
+        for tg, r, (boxes, scores) in zip(targets, ratios, kept):
+            out[tg["image_id"]] = (boxes / r, scores)
+    return out
+
+
+def _pseudo_label_accuracy(cfg, train, kdir: Path) -> dict:
+    """From the written files: pseudo boxes at IoU >= 0.5 with a train (base) GT box whose noun is
+    that box's category name. Train has no novel labels, so this measures base objects only."""
+    names = cfg.data.base_classes + cfg.data.novel_classes
+    cat_name = {c: names[l] for c, l in train.cat_id_to_label.items()}
+    matched = correct = total = 0
+    weights_ok, weights_bad = [], []
+    for i in range(len(train)):
+        info = train.image_info(i)
+        k = torch.load(kdir / (Path(info["file_name"]).stem + ".pt"), map_location="cpu",
+                       weights_only=True)
+        total += len(k["pseudo_boxes"])
+        _, gt, cats = _gt_boxes(train.coco, info, set(cat_name), crowd=False)
+        if len(gt) == 0 or len(k["pseudo_boxes"]) == 0:
+            continue
+        iou, j = box_iou(k["pseudo_boxes"], gt).max(1)
+        for p in (iou >= 0.5).nonzero()[:, 0].tolist():
+            ok = k["pseudo_nouns"][p] == cat_name[cats[j[p]]]
+            matched, correct = matched + 1, correct + ok
+            (weights_ok if ok else weights_bad).append(float(k["pseudo_weight"][p]))
+    mean = lambda v: sum(v) / len(v) if v else None
+    return {"pseudo_label_acc": correct / matched if matched else None,
+            "pseudo_label_matched_base": matched, "num_pseudo_boxes": total,
+            "pseudo_weight_mean_correct": mean(weights_ok), "pseudo_weight_mean_wrong": mean(weights_bad)}
+
+
+def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
+    """Proposal recall, region accuracy and pseudo-label accuracy (keys in the module docstring)."""
+    nb = len(cfg.data.base_classes)
+    val = _split_dataset(cfg, "val")
+    base_cats, novel_cats = set(val.label_to_cat_id[:nb]), set(val.label_to_cat_id[nb:])
+    infos = [val.image_info(i) for i in range(len(val))]
+    stats = {}
+    if net is not None:  # recall of the kept proposals on val, where every object is labelled
+        props = {k: v[0] for k, v in run_proposals(net, cfg, "val", range(len(val)),
+                                                   model_device(model)).items()}
+        stats["recall_split"] = "val"
+        for split, cats in (("base", base_cats), ("novel", novel_cats)):
+            covered, total = proposals_lib.recall(props, val.coco, cats)
+            stats[f"proposal_recall_{split}"] = covered / max(total, 1)
+    else:  # an external file covers train images only: base recall there, novel unknown
+        props = {}
+        stats["recall_split"] = "train (external proposals file; novel objects unlabelled there)"
+        ext = proposals_lib.load_proposal_file(
+            cfg.teacher.proposals_file, train.coco, cfg.teacher.num_pseudo_boxes,
+            cfg.teacher.pseudo_nms_iou, cfg.teacher.pseudo_min_side)
+        covered, total = proposals_lib.recall(ext, train.coco, set(train.label_to_cat_id[:nb]))
+        stats.update(proposal_recall_base=covered / max(total, 1), proposal_recall_novel=None)
+
+    # box embeddings of val GT boxes (region accuracy) and of val proposals (pseudo labels with
+    # the categories present as the caption nouns: world.py's captions name every one of them)
+    gts = [_gt_boxes(val.coco, info, base_cats | novel_cats, crowd=False) for info in infos]
+    boxes = [torch.cat([g[1], props.get(info["id"], torch.zeros(0, 4))]) for g, info in zip(gts, infos)]
+    hits = {"base": [0, 0], "novel": [0, 0]}
+    label_hits = {"base": [0, 0], "novel": [0, 0]}
+    for idx, _, embs in embed_images_and_boxes(model, preprocess, cfg.teacher, val.image_dir, infos,
+                                               boxes, cfg.data.num_workers):
+        for i, emb in zip(idx, embs):
+            labels = torch.tensor([val.cat_id_to_label[c] for c in gts[i][2]], dtype=torch.long)
+            n_gt = len(labels)
+            pred = (emb[:n_gt] @ class_emb.T).argmax(1)
+            for l, p in zip(labels.tolist(), pred.tolist()):
+                h = hits["base" if l < nb else "novel"]
+                h[0], h[1] = h[0] + (l == p), h[1] + 1
+            if n_gt == len(emb) or n_gt == 0:
+                continue
+            present = sorted(set(labels.tolist()))
+            cand = torch.stack([class_emb[l] for l in present])
+            best, _ = assign_nouns(emb[n_gt:], cand)
+            iou, j = box_iou(boxes[i][n_gt:], gts[i][1]).max(1)
+            for p in (iou >= 0.5).nonzero()[:, 0].tolist():
+                l = int(labels[j[p]])
+                h = label_hits["base" if l < nb else "novel"]
+                h[0], h[1] = h[0] + (present[best[p]] == l), h[1] + 1
+    for split in ("base", "novel"):
+        stats[f"region_acc_{split}"] = hits[split][0] / max(hits[split][1], 1)
+        if props:
+            stats[f"pseudo_label_acc_val_{split}"] = label_hits[split][0] / max(label_hits[split][1], 1)
+    stats["num_val_boxes"] = {k: v[1] for k, v in hits.items()}
+    stats.update(_pseudo_label_accuracy(cfg, train, data.knowledge_dir(cfg)))
+    return stats
+
+
+def build_knowledge(cfg, force: bool = False, shard: int = 0, num_shards: int = 1, log=print):
+    """Every offline teacher output of the module docstring; skips what is done. Returns the stats
+    dict once all train images have their file (None for a shard that finishes before others)."""
+    if not 0 <= shard < num_shards:
+        raise TeacherError(f"--shard {shard} must be in 0..{num_shards - 1}")
+    t, kdir, start = cfg.teacher, data.knowledge_dir(cfg), time.time()
+    kdir.mkdir(parents=True, exist_ok=True)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    train = _split_dataset(cfg, "train")
+    stems = [Path(train.image_info(i)["file_name"]).stem for i in range(len(train))]
+    if not force and knowledge_is_built(cfg) and all((kdir / f"{s}.pt").is_file() for s in stems):
+        log(f"knowledge in {kdir} is complete (use --force to rebuild)")
+        return json.loads(stats_path(cfg).read_text())
+
+    device = _device(cfg)
+    model, preprocess = load_clip(t.clip_model, device, t.clip_dir)
+    templates = load_templates(cfg)
+    names = cfg.data.base_classes + cfg.data.novel_classes
+    class_emb = text_embeddings(model, names, templates)
+    if shard == 0:
+        _save_atomic({"class_names": names, "embeddings": class_emb,
+                      "objectness": text_embeddings(model, [t.objectness_text], templates)[0],
+                      "templates": templates, "clip_model": t.clip_model}, class_embeddings_path(cfg))
+
+    mine = range(shard, len(train), num_shards)
+    pending = [i for i in mine if force or not _file_done(kdir / f"{stems[i]}.pt")]
+    log(f"shard {shard}/{num_shards}: {len(mine) - len(pending)} of {len(mine)} images done, "
+        f"{len(pending)} to extract into {kdir}")
+    timing = {}
+    tick = time.time()
+    net = None
+    if t.proposals_file:
+        ext = proposals_lib.load_proposal_file(t.proposals_file, train.coco, t.num_pseudo_boxes,
+                                               t.pseudo_nms_iou, t.pseudo_min_side)
+        props = {i: ext[train.ids[i]] for i in pending}
+    else:
+        net, net_info = _proposal_net(cfg, device, shard, force, log)
+        timing["proposal_train"] = net_info["seconds"]
+        tick = time.time()
+        found = run_proposals(net, cfg, "train", pending, device)
+        props = {i: found[train.ids[i]][0] for i in pending}
+    timing["proposal_infer"] = time.time() - tick
+
+    tick = time.time()
+    nouns = caption_nouns(cfg, build_noun_matcher(cfg))
+    bank = NounBank(model, templates, names, class_emb)
+    bank.add(n for found in nouns.values() for n in found)
+    cal_path = kdir / "calibration.json"  # fitted constants, shared by all shards and re-runs
+    if t.weight_a is not None or force or not cal_path.is_file():
+        cal = _calibration(cfg, model, preprocess, train, nouns, bank, log)
+        if cal["source"] != "config":
+            _save_atomic(cal, cal_path)
+    else:
+        cal = json.loads(cal_path.read_text())
+    timing["calibration"] = time.time() - tick
+
+    tick = time.time()
+    infos = [train.image_info(i) for i in pending]
+    gts = [_gt_boxes(train.coco, info) for info in infos]
+    boxes = [torch.cat([g[1], props[i].reshape(-1, 4)]) for g, i in zip(gts, pending)]
+    for idx, img_emb, embs in embed_images_and_boxes(model, preprocess, t, train.image_dir, infos,
+                                                     boxes, cfg.data.num_workers, f"knowledge {shard}"):
+        for i, image_emb, emb in zip(idx, img_emb, embs):
+            n_gt = len(gts[i][0])
+            cand, noun_emb = bank.candidates(nouns.get(infos[i]["id"], []))
+            best, cos = assign_nouns(emb[n_gt:], noun_emb)
+            _save_atomic({
+                "image_emb": image_emb.half(),
+                "gt_ann_ids": gts[i][0],
+                "gt_emb": emb[:n_gt].half(),
+                "pseudo_boxes": boxes[i][n_gt:].float(),
+                "pseudo_img_emb": emb[n_gt:].half(),
+                "pseudo_txt_emb": noun_emb[best].half(),
+                "pseudo_weight": pseudo_weight(cos, cal["a"], cal["mu"], cal["sigma"]).float(),
+                "pseudo_nouns": [cand[b] for b in best.tolist()],
+            }, kdir / f"{Path(infos[i]['file_name']).stem}.pt")
+    timing["extraction"] = time.time() - tick
+
+    if not all((kdir / f"{s}.pt").is_file() for s in stems):
+        log(f"shard {shard} done; stats.json is written by the shard that finishes last")
+        return None
+    tick = time.time()
+    stats = compute_stats(cfg, model, preprocess, net, train, class_emb)
+    timing["stats"] = time.time() - tick
+    timing["total_this_run"] = time.time() - start
+    stats.update(
+        proposal_source=t.proposals_file or f"proposal network ({t.proposals.objectness})",
+        box_embedding={"mode": t.box_embedding, "context": t.context,
+                       "context_scale": t.context_scale, "upsample": t.upsample},
+        calibration=cal, timing_s=timing, clip_model=t.clip_model, num_train_images=len(train),
+        images_without_caption_nouns=sum(1 for i in train.ids if not nouns.get(i)))
+    _save_atomic(stats, stats_path(cfg))
+    return stats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Offline CLIP knowledge for HD-OVD (teacher.py)")
+    config_lib.add_config_args(parser)
+    parser.add_argument("--force", action="store_true", help="recompute everything")
+    parser.add_argument("--shard", type=int, default=int(os.environ.get("RANK", 0)),
+                        help="this process's share of the images (default: $RANK or 0)")
+    parser.add_argument("--num-shards", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                        help="number of processes sharing the images (default: $WORLD_SIZE or 1)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.config_from_args(args)
+        stats = build_knowledge(cfg, args.force, args.shard, args.num_shards)
+    except (TeacherError, data.DataError, config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"teacher.py: error: {e}")
+    if stats is not None:
+        print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
