@@ -330,7 +330,7 @@ def detect_custom(ckpt_path, image_paths: list[str], vocabulary: str, out_dir,
                          f"would overwrite one with the other")
     names, num_base = parse_vocabulary(vocabulary, cfg.data.base_classes)
     clip_model, _ = teacher.load_clip(cfg.teacher.clip_model, device, cfg.teacher.clip_dir)
-    text = teacher.text_embeddings(clip_model, names, cfg.teacher.templates).to(device)  # [C, D]
+    text = teacher.text_embeddings(clip_model, names, teacher.load_templates(cfg)).to(device)  # [C, D]
     d_model = model.class_embeddings.shape[1]
     if text.shape[1] != d_model:
         raise ValueError(f"teacher.clip_model={cfg.teacher.clip_model} gives {text.shape[1]}-d text "

@@ -95,7 +95,8 @@ def crop_boxes(image: Image.Image, boxes, squares, preprocess, resolution: int):
     """
     if len(squares) == 0:
         return torch.zeros(0, 3, resolution, resolution), torch.zeros(0, 4)
-    crops = torch.stack([preprocess(image.crop(tuple(int(v) for v in sq))) for sq in squares.tolist()])
+    crops = torch.stack([preprocess(image.crop(tuple(int(v) for v in sq)))
+                         for sq in squares.tolist()])                            # (R, 3, S, S)
     side = (squares[:, 2] - squares[:, 0])[:, None]                           # (R, 1)
     in_crop = (boxes.float() - squares[:, [0, 1, 0, 1]]) * resolution / side  # (R, 4) in S px
     return crops, in_crop
@@ -128,7 +129,7 @@ def token_grid(model, upsample: int) -> int:
     patch = v.conv1.kernel_size[0]
     if upsample < 1 or patch % upsample or (patch - patch // upsample) % 2:
         raise ValueError(f"teacher.upsample={upsample} must divide the patch size {patch} "
-                           f"evenly (1, 2, 4, ...)")
+                         f"evenly (1, 2, 4, ...)")
     return upsample * v.input_resolution // patch
 
 
@@ -173,7 +174,8 @@ def encode_boxes_oake(model, crops, masks, upsample: int = 1):
                  padding=(patch - stride) // 2)                                   # (R, W, g, g)
     r, w, g, _ = x.shape
     if masks.shape != (r, g * g):
-        raise ValueError(f"masks must be ({r}, {g * g}) for upsample={upsample}, got {tuple(masks.shape)}")
+        raise ValueError(f"masks must be ({r}, {g * g}) for upsample={upsample}, "
+                         f"got {tuple(masks.shape)}")
     x = x.reshape(r, w, g * g).permute(0, 2, 1)                                   # (R, g*g, W)
     pos = _positional_embedding(v, g)
     cls = (v.class_embedding + pos[0]).expand(r, 1, w)                            # (R, 1, W)
@@ -194,7 +196,10 @@ def _autocast(model, amp: bool):
 
 @torch.no_grad()
 def embed_crops(model, crops, masks, mode: str, upsample: int, batch_size: int, amp: bool = False):
-    """L2-normalised float32 CPU embeddings (R, D) of preprocessed crops, ``batch_size`` per forward."""
+    """L2-normalised float32 CPU embeddings (R, D) of preprocessed crops (R, 3, S, S).
+
+    ``batch_size`` crops per forward: on CPU 16-64 ran ~25% faster than 256 (cache; measured).
+    """
     if mode not in ("oake", "crop"):
         raise ValueError(f"teacher.box_embedding must be 'oake' or 'crop', got {mode!r}")
     device, out = model_device(model), []
@@ -217,9 +222,13 @@ def prepare_boxes(image: Image.Image, boxes, tcfg, preprocess, resolution: int, 
 
 
 def box_embeddings(model, preprocess, image: Image.Image, boxes, tcfg):
-    """(R, D) L2-normalised embeddings of boxes (R, 4) xyxy pixels of ``image`` (config ``teacher``)."""
+    """(R, D) L2-normalised embeddings of boxes (R, 4) xyxy pixels of ``image``.
+
+    The one-image entry point (bench, notebooks); ``tcfg`` is the ``teacher`` config section.
+    """
     grid = token_grid(model, tcfg.upsample)
-    crops, masks = prepare_boxes(image, boxes, tcfg, preprocess, model.visual.input_resolution, grid)
+    resolution = model.visual.input_resolution
+    crops, masks = prepare_boxes(image, boxes, tcfg, preprocess, resolution, grid)
     return embed_crops(model, crops, masks, tcfg.box_embedding, tcfg.upsample, tcfg.box_batch_size,
                        tcfg.amp)
 
@@ -232,7 +241,9 @@ def image_embeddings(model, images, amp: bool = False):
     return F.normalize(e.float(), dim=-1).cpu()
 
 
-
+# ----------------------------------------------------------------------------------------------
+# Many images: crops are prepared in DataLoader workers, forwards are shared across images
+# ----------------------------------------------------------------------------------------------
 
 class BoxCrops(torch.utils.data.Dataset):
     """Per image (for DataLoader workers): the preprocessed whole image and its boxes' crops/masks."""
@@ -252,6 +263,7 @@ class BoxCrops(torch.utils.data.Dataset):
 
 
 def _as_list(batch):
+    """DataLoader collate that keeps the per-image dicts (a module-level function: picklable)."""
     return batch
 
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[a-z0-9]+")  # "man's" -> "man", "s"; "hot-dog" -> "hot", "dog"
 
 
 def _words(text: str) -> tuple[str, ...]:
-    return tuple(_WORD.findall(text.lower().replace("-", " ").replace("_", " ")))
+    """Lower-case word tuple of a caption or a vocabulary name ('_' and '-' split words)."""
+    return tuple(_WORD.findall(text.lower().replace("_", " ")))
 
 
 def plural_forms(word: str) -> list[str]:
@@ -54,7 +55,7 @@ def read_noun_vocab(path: str | Path) -> list[list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher.noun_vocab '{path}' not found (one noun per line, "
-                           f"'canonical|variant|...'; e.g. vocab/coco_nouns.txt)")
+                                f"'canonical|variant|...'; e.g. vocab/coco_nouns.txt)")
     entries = []
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -112,7 +113,8 @@ def caption_nouns(cfg, matcher: NounMatcher) -> dict[int, list[str]]:
     path = Path(cfg.data.root) / cfg.data.captions
     if not path.is_file():
         raise FileNotFoundError(f"captions file '{path}' (data.captions) not found; Shapes-OV: "
-                           f"`python world.py --config config.yaml`; COCO: captions_train2017.json")
+                                f"`python world.py --config config.yaml`; COCO: "
+                                f"annotations/captions_train2017.json from cocodataset.org")
     try:
         anns = json.loads(path.read_text())["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -122,7 +124,6 @@ def caption_nouns(cfg, matcher: NounMatcher) -> dict[int, list[str]]:
         found = nouns.setdefault(int(ann["image_id"]), [])
         found += [n for n in matcher.find(ann["caption"]) if n not in found]
     return nouns
-
 
 
 def pseudo_weight(cos, a: float, mu: float, sigma: float):
@@ -149,8 +150,9 @@ def calibrate_weight(cos, correct, l2: float = 1e-3, steps: int = 50) -> dict:
     """
     x, t = cos.double(), correct.double()
     if len(x) < 2 or t.min() == t.max():
-        raise ValueError(f"cannot calibrate the pseudo-label weight from {len(x)} (box, noun) pairs "
-                         f"with {int(t.sum())} right; set teacher.weight_a/mu/sigma in the config")
+        raise ValueError(f"cannot calibrate the pseudo-label weight from {len(x)} (box, noun) "
+                         f"pairs with {int(t.sum())} right; set teacher.weight_a/mu/sigma in the "
+                         f"config")
     feats = torch.stack([x - x.mean(), torch.ones_like(x)], 1)  # (n, 2), centred for conditioning
     theta = torch.zeros(2, dtype=torch.double)
     reg = torch.diag(torch.tensor([l2 * len(x) * float(x.var()), 0.0], dtype=torch.double))

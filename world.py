@@ -534,19 +534,16 @@ def _device(cfg):
     return torch.device(cfg.run.device)
 
 
-def contrastive_loss(image_emb, text_emb, keys, logit_scale, multi_positive: bool = False):
-    """Symmetric InfoNCE (CLIP). image_emb/text_emb: (B, D) L2-normalised; keys: (B,) ids of what
-    each caption describes. A pair (i, j != i) with keys[i] == keys[j] is not a negative: that
-    caption truly describes image i too (WORLD.md). It is masked out, or with ``multi_positive``
-    counted as a positive (the target spreads evenly over all captions with the same key)."""
+def contrastive_loss(image_emb, text_emb, keys, logit_scale):
+    """Symmetric InfoNCE (CLIP) with label-aware negatives.
+
+    image_emb/text_emb: (B, D) L2-normalised pairs; keys: (B,) id of what each caption describes.
+    A caption j != i with keys[j] == keys[i] truly describes image i too, so it is masked out of
+    i's negatives (WORLD.md); the mask is symmetric, so the same holds text-to-image.
+    """
     logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
-    same = keys[:, None] == keys[None, :]  # (B, B), symmetric, True on the diagonal
-    if multi_positive:
-        target = same.float() / same.sum(1, keepdim=True)  # (B, B) rows sum to 1
-        return -((target * logits.log_softmax(1)).sum(1).mean() +
-                 (target * logits.t().log_softmax(1)).sum(1).mean()) / 2
     eye = torch.eye(len(keys), dtype=torch.bool, device=keys.device)
-    logits = logits.masked_fill(same & ~eye, float("-inf"))
+    logits = logits.masked_fill((keys[:, None] == keys[None, :]) & ~eye, float("-inf"))
     target = torch.arange(len(keys), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
@@ -576,7 +573,7 @@ def _lr_at(pre, step: int, progress: float, warmup_end_progress: float) -> float
 def pretrain_clip(cfg, pool: dict):
     """Train a CLIP on the stream pool until clip_pretrain.train_seconds (or max_steps) elapse.
 
-    Returns (model with the EMA weights when ema_decay > 0, stats dict)."""
+    Returns (model, stats dict)."""
     pre = cfg.clip_pretrain
     names = class_names_of(cfg)
     device = _device(cfg)
@@ -585,15 +582,14 @@ def pretrain_clip(cfg, pool: dict):
     gen = torch.Generator().manual_seed(cfg.world.seed)
     torch.manual_seed(cfg.world.seed)
     model = build_clip(pre).to(device).train()
-    ema = copy.deepcopy(model).eval() if pre.ema_decay > 0 else None
 
     # Text side: singles are captioned by one of the single_captions phrasings of their noun;
     # scenes by their own caption. keys: class index for singles, 16 + caption id for scenes.
     single_tok = clip.tokenize([p.format(n) for n in names for p in pre.single_captions],
                                context_length=pre.context_length)
     single_tok = single_tok.view(len(names), len(pre.single_captions), -1)  # (C, P, T)
-    unique = sorted(set(pool["scene_captions"]))
-    scene_key = torch.tensor([len(names) + unique.index(c) for c in pool["scene_captions"]])
+    unique = {c: i for i, c in enumerate(sorted(set(pool["scene_captions"])))}
+    scene_key = torch.tensor([len(names) + unique[c] for c in pool["scene_captions"]])
     scene_tok = clip.tokenize(unique, context_length=pre.context_length)[scene_key - len(names)]
     used = torch.cat([single_tok.flatten(), scene_tok.flatten(), clip.tokenize(
         [t.format(n) for n in names for t in cfg.teacher.templates], context_length=77).flatten()])
@@ -646,16 +642,12 @@ def pretrain_clip(cfg, pool: dict):
             txt = model.encode_text(tokens)
         img = img.float() / img.float().norm(dim=-1, keepdim=True)
         txt = txt.float() / txt.float().norm(dim=-1, keepdim=True)
-        loss = contrastive_loss(img, txt, keys, model.logit_scale.exp(), pre.multi_positive)
+        loss = contrastive_loss(img, txt, keys, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
-            if ema is not None:
-                d = min(pre.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - d)
         losses.append(loss.item())
         step += 1
         bar.update(1)
@@ -669,7 +661,7 @@ def pretrain_clip(cfg, pool: dict):
              "final_loss": round(float(np.mean(losses[-pre.log_every:])), 4) if losses else None,
              "num_singles": len(pool["singles"]), "num_scenes": len(pool["scenes"]),
              "device": str(device), "threads": torch.get_num_threads()}
-    return (ema if ema is not None else model).eval(), stats
+    return model.eval(), stats
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # clip/clip.py _transform (OpenAI CLIP)

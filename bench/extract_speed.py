@@ -7,6 +7,7 @@ Uses the teacher named by ``teacher.clip_model`` when it exists, else a randomly
 of the ``clip_pretrain`` architecture (same cost). Boxes are random (sides 16-56 px, the world's
 object sizes) on random 128 px images. The crop preparation (PIL crop + CLIP preprocess + token
 mask, CPU, shared by all modes) is timed on its own. CPU always; CUDA too when a GPU is present.
+Runs with ``teacher.threads`` torch threads like teacher.py (``--set teacher.threads=0``: all cores).
 Timings on a shared machine are approximate.
 """
 import argparse
@@ -63,6 +64,8 @@ def main():
     parser.add_argument("--single", type=int, default=64, help="boxes for the one-at-a-time runs")
     args = parser.parse_args()
     cfg = config_lib.config_from_args(args)
+    if cfg.teacher.threads > 0:  # the same setting as the extraction in teacher.py
+        torch.set_num_threads(cfg.teacher.threads)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)) for _ in range(8)]
     boxes = random_boxes(args.boxes, rng)

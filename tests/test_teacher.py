@@ -8,6 +8,7 @@ import json
 import pickle
 from pathlib import Path
 
+import clip
 import clip.model
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def tiny_cfg(tmp_path, clip_path):
         "data.min_size=64", "data.max_size=64", "data.num_workers=0",
         f"teacher.clip_model={clip_path}", "teacher.image_batch_size=4", "teacher.box_batch_size=5",
         "teacher.weight_a=1.0", "teacher.weight_mu=0.2", "teacher.weight_sigma=0.05",
-        "teacher.pseudo_min_side=2", "teacher.proposals.max_steps=2",
+        "teacher.pseudo_min_side=2", "teacher.pseudo_score_thresh=0", "teacher.proposals.max_steps=2",
         "teacher.proposals.batch_size=4", "teacher.proposals.fpn_channels=16",
         "teacher.proposals.anchor_sizes=[8,16,32,64]", "run.device=cpu"])
 
@@ -159,6 +160,21 @@ def test_text_embeddings_and_prompt_errors(model):
         teacher.text_embeddings(net, ["very " * 30 + "long"], ["a {}."])
 
 
+def test_load_clip_jit_archive_equals_state_dict(clip_path, tmp_path):
+    """OpenAI ships JIT archives; clip.load rebuilds the same eager model from either format."""
+    import warnings
+    eager, _ = teacher.load_clip(str(clip_path))
+    image = torch.randn(2, 3, 32, 32)
+    text = clip.tokenize(["a ring", "two circles"], context_length=20)
+    with warnings.catch_warnings():  # tracing warns about Python control flow; the trace is fine
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(eager, (image, text), check_trace=False)
+    traced.save(str(tmp_path / "jit.pt"))
+    from_jit, _ = teacher.load_clip(str(tmp_path / "jit.pt"))
+    assert torch.equal(from_jit.encode_image(image), eager.encode_image(image))
+    assert torch.equal(from_jit.encode_text(text), eager.encode_text(text))
+
+
 def test_load_clip_offline_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HDOVD_CLIP_DIR", str(tmp_path / "env"))
     with pytest.raises(teacher.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
@@ -170,6 +186,14 @@ def test_load_clip_offline_errors(tmp_path, monkeypatch):
     assert teacher.resolve_clip_path("ViT-B/32") == tmp_path / "env" / "ViT-B-32.pt"
     with pytest.raises(teacher.TeacherError, match="cannot load CLIP checkpoint"):
         teacher.load_clip("ViT-B/32")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    repo_config = str(Path(__file__).resolve().parents[1] / "config.yaml")
+    with pytest.raises(SystemExit, match=r"teacher\.py: error: .*world\.py"):  # no dataset yet
+        teacher.main(["--config", repo_config, "--set", f"data.root={tmp_path / 'none'}"])
+    with pytest.raises(SystemExit, match="must be in 0..1"):
+        teacher.main(["--config", repo_config, "--shard", "2", "--num-shards", "2"])
 
 
 # ---- caption nouns and the pseudo weight ---------------------------------------------------------
@@ -215,15 +239,41 @@ def test_centerness_and_recall():
     assert proposals.recall(props, Coco, {2}) == (0, 1)
 
 
+@pytest.mark.parametrize("mode", ["oln", "iou", "rpn"])
+def test_quality_objectness_never_sees_unannotated_regions(mode):
+    """oln/iou have no background class: anchors away from annotated boxes (where unannotated
+    novel objects may sit) do not enter the objectness loss; the rpn baseline trains them to 0."""
+    pcfg = config.ProposalConfig(objectness=mode, pos_iou=0.3 if mode != "rpn" else 0.7)
+    net = proposals.build_proposal_net(pcfg)
+    xy = torch.arange(0, 128, 8.0)
+    anchors = torch.stack(torch.meshgrid(xy, xy, indexing="ij"), -1).reshape(-1, 2)
+    anchors = torch.cat([anchors, anchors + 16], 1)                      # (256, 4) 16 px anchors
+    gt = [torch.tensor([[8.0, 8, 40, 40]])]                              # one object, top left
+    far = ((anchors[:, :2] > 60).all(1))                                 # bottom-right quarter
+    logits = torch.zeros(1, len(anchors), requires_grad=True)
+    losses = proposals.proposal_losses(net, logits, torch.zeros(1, len(anchors), 4), [anchors], gt, pcfg)
+    losses["loss_objectness"].backward()
+    touched = logits.grad[0, far].abs().sum() > 0
+    assert touched == (mode == "rpn")
+    if mode == "iou":  # the target is the anchor's IoU: a perfect predictor has zero loss
+        iou = proposals.box_iou(gt[0], anchors).max(0).values.clamp(1e-4, 1 - 1e-4)
+        exact = torch.logit(iou)[None]
+        zero = proposals.proposal_losses(net, exact, torch.zeros(1, len(anchors), 4), [anchors], gt, pcfg)
+        assert zero["loss_objectness"].item() < 1e-4
+
+
 def test_external_proposal_file(tmp_path):
     class Coco:
         dataset = {"images": [{"id": 7}, {"id": 3}]}
-    arrays = [np.array([[0, 0, 10, 10, 0.2], [0, 0, 10, 11, 0.9], [5, 5, 6, 6, 1.0]]),
-              np.zeros((0, 5))]
+    arrays = [np.array([[0, 0, 10, 10, 0.2], [0, 0, 10, 11, 0.9], [5, 5, 6, 6, 1.0],
+                        [20, 20, 40, 40, 0.5]]), np.zeros((0, 5))]
     path = tmp_path / "props.pkl"
     path.write_bytes(pickle.dumps(arrays))
     out = proposals.load_proposal_file(path, Coco, top_k=5, nms_iou=0.5, min_side=2)
-    assert out[7].tolist() == [[0, 0, 10, 11]] and out[3].shape == (0, 4)  # NMS, size filter
+    assert out[7].tolist() == [[0, 0, 10, 11], [20, 20, 40, 40]]  # NMS, size filter, by score
+    assert out[3].shape == (0, 4)
+    out = proposals.load_proposal_file(path, Coco, top_k=1, nms_iou=0.5, min_side=2, score_thresh=0.6)
+    assert out[7].tolist() == [[0, 0, 10, 11]]
     with pytest.raises(ValueError, match="one array per image"):
         proposals.load_proposal_file(path, type("C", (), {"dataset": {"images": [{}]}}), 5, 0.5, 2)
 
