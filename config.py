@@ -111,7 +111,7 @@ class ClipPretrainConfig:
     warmup_steps: int = 150             # linear warm-up, then cosine over the time budget (WORLD.md)
     batch_size: int = 32                # pairs per step; measured here: same samples, 32 beats WORLD.md's 64 (0.955/0.968 vs 0.943/0.957) at ~0.6x the time per step
     single_fraction: float = 0.75       # share of single-object crops in a batch, rest scenes (WORLD.md)
-    train_seconds: float = 270.0        # wall-clock budget of the training loop; measured here: 2 cores, 1859 steps in 280 s -> 0.98/0.99, whole world.py 338 s (limit 360)
+    train_seconds: float = 270.0        # wall-clock budget of the training loop; measured here (2 cores): 1835 steps -> 0.980/0.982, whole world.py 302 s (limit 360)
     max_steps: int = 0                  # also stop after this many steps (0 = time budget only)
     num_scenes: int = 6400              # stream scenes rendered; each is a scene sample (WORLD.md: 6400)
     crops_per_object: int = 1           # single-object crops cut from each stream object (6400 scenes -> ~22k singles; WORLD.md: 20000)
