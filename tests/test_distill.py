@@ -31,18 +31,7 @@ TAU = 0.05        # METHOD §4/§5: logit scale 20
 RKD_SCALE, KD_T = 5.0, 10.0  # METHOD §4: rkd_tau 5, mmdet KD temperature 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this file's small ops on one intra-op thread, then restore the setting.
-
-    Measured here on the shared 2-core machine (load ≈ 7): one training step of the test model took
-    0.09 s wall with 1 thread and 9 s with torch's default 2 (OpenMP threads spin against the other
-    processes); these tensors are too small to gain from a second thread anyway.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops on one thread
 
 
 def correlated_unit(n: int, dim: int = D, seed: int = 0, shared: float = 1.2) -> torch.Tensor:

@@ -42,18 +42,7 @@ ALL_OFF = ["distill.instance=false", "distill.class_wise=false", "distill.text_s
 DETECTION_KEYS = {"loss_rpn_objectness", "loss_rpn_box", "loss_cls", "loss_box"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this file's small ops on one intra-op thread, then restore the setting.
-
-    Measured here on the shared 2-core machine (load ≈ 7): one training step of the test model took
-    0.09 s wall with 1 thread and 9 s with torch's default 2 (OpenMP threads spin against the other
-    processes); these tensors are too small to gain from a second thread anyway.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops on one thread
 
 
 def class_embeddings(seed: int = 0) -> torch.Tensor:
