@@ -13,7 +13,7 @@ Contract
   ∪ pseudo boxes, class-agnostic); ``roi_targets`` a list of B dicts with
   ``boxes`` [T_i, 4] xyxy, ``labels`` [T_i] (class index into the training class list),
   ``cls_weight`` [T_i] (1 for GT, w_p for pseudo boxes, 0 = never a classification target),
-  ``regress`` [T_i] bool (pseudo boxes get no box regression, METHOD §7).
+  ``regress`` [T_i] bool (False = no box regression: pseudo boxes in METHOD §7).
   Outputs: ``loss_rpn_objectness``, ``loss_rpn_box`` (torchvision RPN, scalars) and, for the R
   sampled RoIs of the whole batch: ``roi_text_emb`` [R, D] (text-space embedding, raw),
   ``roi_vis_emb`` [R, D] (visual-space embedding, raw), ``roi_deltas`` [R, 4], ``roi_labels`` [R]
