@@ -219,7 +219,7 @@ def test_hierarchy_without_knowledge_names_teacher_py(switch):
 
 @pytest.mark.parametrize("class_wise", [False, True], ids=["H2-off", "H2-on"])
 def test_pseudo_targets_and_h2_switch(class_wise):
-    _, model = build(f"distill.class_wise={str(class_wise).lower()}")
+    _, model = build(f"distill.class_wise={str(class_wise).lower()}", "model.pseudo_box_regression=false")
     images, targets = make_batch(model.class_embeddings)
     rpn_t, roi_t, teachers, pseudo_texts, _ = model.make_targets(targets)
     for i, (t, r) in enumerate(zip(targets, roi_t)):
@@ -238,6 +238,27 @@ def test_pseudo_targets_and_h2_switch(class_wise):
     losses = model(images, targets)
     assert {"loss_skd", "loss_rkd", "loss_img"} <= set(losses)
     assert all(torch.isfinite(v) for k, v in losses.items() if k.startswith("loss_"))
+
+
+@pytest.mark.parametrize("regress_pseudo", [False, True], ids=["official", "pseudo-regression"])
+def test_pseudo_box_regression_switch(regress_pseudo):
+    """model.pseudo_box_regression: RoIs matched to pseudo boxes get box-regression targets or not;
+    RoIs matched to GT boxes always do."""
+    _, model = build(f"model.pseudo_box_regression={str(regress_pseudo).lower()}")
+    images, targets = make_batch(model.class_embeddings)
+    rpn_t, roi_t, *_ = model.make_targets(targets)
+    for r in roi_t:
+        assert r["regress"].tolist() == [True, True, regress_pseudo, regress_pseudo]
+    model.train()
+    out = model.detector(images, rpn_t, roi_t)
+    idx = out["roi_target_index"]  # batch-concatenated targets: 2 GT + 2 pseudo per image
+    is_pseudo = torch.tensor([False, False, True, True] * len(targets))
+    on_pseudo = (idx >= 0) & is_pseudo[idx.clamp(min=0)]
+    on_gt = (idx >= 0) & ~is_pseudo[idx.clamp(min=0)]
+    assert on_pseudo.any() and on_gt.any()  # targets join the proposals, so both are sampled
+    assert bool(out["roi_regress"][on_gt].all())
+    assert out["roi_regress"][on_pseudo].tolist() == [regress_pseudo] * int(on_pseudo.sum())
+    assert not bool(out["roi_regress"][idx < 0].any())  # background never regresses
 
 
 def test_text_space_on_and_loss_weights_cover_every_loss():
