@@ -10,6 +10,7 @@ Contract
 * ``config_to_dict(cfg)`` / ``dump_config(cfg, path)`` give the resolved config; it is written to
   every run directory and stored in every checkpoint, and ``config_from_dict`` rebuilds it.
 * ``add_config_args(parser)`` adds ``--config`` and repeated ``--set`` to any argparse parser.
+* ``resolve_device(cfg.run.device)`` turns ``run.device`` into a ``torch.device``.
 
 Every field carries its meaning in the comment next to it; the values for Shapes-OV live in
 ``config.yaml`` and the paper settings for OV-COCO in ``configs/``. Defaults here are the Shapes-OV
@@ -422,3 +423,15 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "conf
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config named by parsed ``add_config_args`` arguments."""
     return load_config(args.config, args.overrides)
+
+
+def resolve_device(name: str):
+    """``run.device``: "auto" picks CUDA when available; asking for CUDA without it is an error."""
+    import torch  # here only: the rest of this file is plain Python and YAML
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name} but CUDA is not available; use --set run.device=cpu "
+                          f"or auto")
+    return torch.device(name)

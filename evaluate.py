@@ -61,8 +61,8 @@ from tqdm import tqdm
 
 import config
 import data
+import clip_teacher
 import hdovd
-import teacher
 
 METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all"]
 
@@ -244,20 +244,11 @@ def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
     return model.to(device).eval(), cfg, ckpt
 
 
-def resolve_device(name: str) -> torch.device:
-    """``run.device``: "auto" picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name} but CUDA is not available; use --set run.device=cpu")
-    return torch.device(name)
-
-
 def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None) -> dict:
     """``python evaluate.py ckpt.pth``: val-split metrics and detections, written next to the
     checkpoint (or into ``out_dir``). Returns the metrics."""
     model, cfg, ckpt = load_checkpoint(ckpt_path, overrides)
-    device = resolve_device(cfg.run.device)
+    device = config.resolve_device(cfg.run.device)
     model.to(device)
     dataset = data.build_dataset(cfg, "val", knowledge=False)
     metrics, results = evaluate_model(model, dataset, device, cfg.eval.batch_size,
@@ -321,7 +312,7 @@ def detect_custom(ckpt_path, image_paths: list[str], vocabulary: str, out_dir,
     "score", "box_xyxy"}]} with boxes in the image's own pixels, every detection kept by the model.
     """
     model, cfg, _ = load_checkpoint(ckpt_path, overrides)
-    device = resolve_device(cfg.run.device)
+    device = config.resolve_device(cfg.run.device)
     model.to(device)
     paths = [Path(p) for p in image_paths]
     stems = [p.stem for p in paths]
@@ -329,8 +320,8 @@ def detect_custom(ckpt_path, image_paths: list[str], vocabulary: str, out_dir,
         raise ValueError(f"--images: two images share a file stem ({stems}); out/<stem>.png "
                          f"would overwrite one with the other")
     names, num_base = parse_vocabulary(vocabulary, cfg.data.base_classes)
-    clip_model, _ = teacher.load_clip(cfg.teacher.clip_model, device, cfg.teacher.clip_dir)
-    text = teacher.text_embeddings(clip_model, names, teacher.load_templates(cfg)).to(device)  # [C, D]
+    clip_model, _ = clip_teacher.load_clip(cfg.teacher.clip_model, device, cfg.teacher.clip_dir)
+    text = clip_teacher.text_embeddings(clip_model, names, clip_teacher.load_templates(cfg)).to(device)  # [C, D]
     d_model = model.class_embeddings.shape[1]
     if text.shape[1] != d_model:
         raise ValueError(f"teacher.clip_model={cfg.teacher.clip_model} gives {text.shape[1]}-d text "
@@ -386,7 +377,7 @@ def main(argv=None):
             return detect_custom(args.checkpoint, args.images, args.vocabulary, args.out,
                                  args.overrides)
         return evaluate_checkpoint(args.checkpoint, args.overrides, args.out_dir)
-    except (config.ConfigError, data.DataError, teacher.TeacherError, FileNotFoundError,
+    except (config.ConfigError, data.DataError, clip_teacher.TeacherError, FileNotFoundError,
             ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")
 

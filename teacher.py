@@ -27,7 +27,8 @@ the shard that finds every file present writes stats.json.
 
 The parts live in one file per concept: ``oake.py`` (box and image embeddings, METHOD 1.3),
 ``proposals.py`` (class-agnostic proposal network), ``pseudo_labels.py`` (caption nouns and the
-weight, METHOD 1.4). This file loads CLIP, embeds text and runs the extraction.
+weight, METHOD 1.4), ``clip_teacher.py`` (loading CLIP offline, prompt-ensembled text
+embeddings). This file runs the extraction.
 
 Shapes-OV defaults, each measured (figures in oake.py, proposals.py and config.yaml): plain crops
 of 1.5x the box's longer side (region accuracy 0.976 / 0.975 base / novel, vs 0.959 / 0.828 for
@@ -55,124 +56,22 @@ import argparse
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.ops import box_iou
-
-with warnings.catch_warnings():  # clip imports the deprecated pkg_resources (harmless)
-    warnings.simplefilter("ignore", UserWarning)
-    import clip
 
 import config as config_lib
 import data
 import proposals as proposals_lib
+from clip_teacher import TeacherError, load_clip, load_templates, text_embeddings
 from oake import embed_images_and_boxes, model_device
 from pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
                            pseudo_weight)
 
 
-class TeacherError(RuntimeError):
-    """A teacher input is missing or invalid; the message names the file/key and the fix."""
-
-
 # ----------------------------------------------------------------------------------------------
-# 1. Loading CLIP (offline only: never downloads)
-# ----------------------------------------------------------------------------------------------
-
-def clip_search_dirs(clip_dir: str = "") -> list[Path]:
-    """Folders searched for OpenAI checkpoints: clip_dir, $HDOVD_CLIP_DIR, ~/.cache/clip."""
-    dirs = [clip_dir, os.environ.get("HDOVD_CLIP_DIR", ""), os.path.expanduser("~/.cache/clip")]
-    return [Path(d) for d in dirs if d]
-
-
-def resolve_clip_path(name_or_path: str, clip_dir: str = "") -> Path:
-    """A checkpoint file for an OpenAI model name ("ViT-B/32") or an existing path."""
-    if Path(name_or_path).is_file():
-        return Path(name_or_path)
-    urls = clip.clip._MODELS  # name -> download URL; the file name is the URL's last part
-    if name_or_path not in urls:
-        raise TeacherError(
-            f"teacher.clip_model '{name_or_path}' is neither a file nor an OpenAI CLIP name "
-            f"({', '.join(urls)}); for Shapes-OV build the teacher with "
-            f"`python world.py --config config.yaml`")
-    file_name = os.path.basename(urls[name_or_path])
-    dirs = clip_search_dirs(clip_dir)
-    for d in dirs:
-        if (d / file_name).is_file():
-            return d / file_name
-    raise TeacherError(
-        f"CLIP checkpoint {file_name} for '{name_or_path}' not found in "
-        f"{', '.join(str(d) for d in dirs)} (this machine is offline). Download "
-        f"{urls[name_or_path]} on a connected machine and put it into one of these folders "
-        f"(teacher.clip_dir or $HDOVD_CLIP_DIR), or set teacher.clip_model to its path")
-
-
-def load_clip(name_or_path: str, device="cpu", clip_dir: str = ""):
-    """(model, preprocess) from an OpenAI name or a path; JIT archives and state dicts alike.
-
-    clip.load rebuilds an eager ``clip.model.CLIP`` from either format (``jit=False``); weights are
-    fp32 on CPU and fp16 on CUDA, as clip.load makes them. The model is in eval mode.
-    """
-    path = resolve_clip_path(name_or_path, clip_dir)
-    try:
-        with warnings.catch_warnings():  # clip.load probes for a JIT archive first (deprecated API)
-            warnings.simplefilter("ignore", FutureWarning)
-            model, preprocess = clip.load(str(path), device=device, jit=False)
-    except Exception as e:  # torch raises several types for foreign/truncated files
-        raise TeacherError(f"cannot load CLIP checkpoint '{path}' (teacher.clip_model): {e}") \
-            from None
-    if not hasattr(model.visual, "transformer"):
-        raise TeacherError(f"CLIP checkpoint '{path}' has a ResNet image tower; OAKE box embeddings "
-                           f"need a ViT (e.g. ViT-B/32)")
-    return model.eval().requires_grad_(False), preprocess
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Text embeddings (prompt ensemble)
-# ----------------------------------------------------------------------------------------------
-
-def load_templates(cfg) -> list[str]:
-    """teacher.templates, or the lines of teacher.templates_file when it is set."""
-    t = cfg.teacher
-    if t.templates_file:
-        path = Path(t.templates_file)
-        if not path.is_file():
-            raise TeacherError(f"teacher.templates_file '{path}' not found (one template per line, "
-                               f"e.g. vocab/imagenet_templates.txt)")
-        templates = [ln.strip() for ln in path.read_text().splitlines()
-                     if ln.strip() and not ln.startswith("#")]
-    else:
-        templates = list(t.templates)
-    bad = [x for x in templates if x.count("{}") != 1]
-    if not templates or bad:
-        raise TeacherError(f"prompt templates must each contain one '{{}}', got {bad or templates}")
-    return templates
-
-
-@torch.no_grad()
-def text_embeddings(model, names: list[str], templates: list[str], batch_size: int = 512):
-    """FloatTensor[C, D] on CPU: mean over templates of normalised text embeddings, re-normalised.
-
-    CLIP's ImageNet recipe. Used for class names, the objectness text and caption nouns alike.
-    """
-    prompts = [t.format(n) for n in names for t in templates]  # C*T, class-major
-    try:
-        tokens = clip.tokenize(prompts, context_length=model.context_length)
-    except RuntimeError as e:
-        raise TeacherError(f"a prompt is longer than the text tower's {model.context_length} "
-                           f"tokens ({e}); shorten teacher.templates or the name") from None
-    out = []
-    for chunk in tokens.split(batch_size):
-        out.append(F.normalize(model.encode_text(chunk.to(model_device(model))).float(), dim=-1))
-    emb = torch.cat(out).view(len(names), len(templates), -1).mean(1)  # (C, T, D) -> (C, D)
-    return F.normalize(emb, dim=-1).cpu()
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Offline extraction: proposals -> calibration -> per-image knowledge files -> stats
+# Offline extraction: proposals -> calibration -> per-image knowledge files -> stats
 # ----------------------------------------------------------------------------------------------
 
 def class_embeddings_path(cfg) -> Path:
@@ -205,12 +104,6 @@ def _file_done(path: Path) -> bool:
         return all(key in k for key in data.KNOWLEDGE_KEYS)
     except Exception:  # missing, truncated or foreign file: redo it
         return False
-
-
-def _device(cfg) -> str:
-    if cfg.run.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.run.device
 
 
 def _split_dataset(cfg, split: str, transforms=None):
@@ -450,7 +343,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
         log(f"knowledge in {kdir} is complete (use --force to rebuild)")
         return json.loads(stats_path(cfg).read_text())
 
-    device = _device(cfg)
+    device = config_lib.resolve_device(cfg.run.device)
     model, preprocess = load_clip(t.clip_model, device, t.clip_dir)
     templates = load_templates(cfg)
     names = cfg.data.base_classes + cfg.data.novel_classes

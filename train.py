@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -72,6 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import clip_teacher
 import config
 import data
 import evaluate
@@ -147,8 +147,8 @@ def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
                  for k in differing]
         raise config.ConfigError(
             f"cannot resume from '{ckpt_path}': the config differs in keys that change the "
-            f"training itself:\n" + "\n".join(lines) + "\nUse another run.name for a new run, "
-            f"or --set train.resume=false to start this one over.")
+            "training itself:\n" + "\n".join(lines) + "\nUse another run.name for a new run, "
+            "or --set train.resume=false to start this one over.")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
 
     # --- torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = evaluate.resolve_device(cfg.run.device)
+    device = config.resolve_device(cfg.run.device)
     if ddp:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -456,6 +456,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (config.ConfigError, data.DataError, teacher.TeacherError, FileNotFoundError,
+    except (config.ConfigError, data.DataError, clip_teacher.TeacherError, FileNotFoundError,
             ValueError) as e:
         sys.exit(f"train.py: error: {e}")

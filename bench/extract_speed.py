@@ -22,23 +22,23 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip.model  # noqa: E402
 
+import clip_teacher  # noqa: E402
 import config as config_lib  # noqa: E402
 import oake  # noqa: E402
-import teacher  # noqa: E402
 
 MODES = [("plain crop", "crop", 1), ("OAKE, no upsampling", "oake", 1), ("OAKE, 2x upsampling", "oake", 2)]
 
 
 def build_model(cfg, device):
     if Path(cfg.teacher.clip_model).is_file():
-        return teacher.load_clip(cfg.teacher.clip_model, device)
+        return clip_teacher.load_clip(cfg.teacher.clip_model, device)
     c = cfg.clip_pretrain  # same architecture as the Shapes-OV teacher (heads = width // 64, as clip.load)
     model = clip.model.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width,
                             c.vision_patch_size, c.context_length, c.vocab_size,
                             c.transformer_width, c.transformer_width // 64, c.transformer_layers)
     path = Path("/tmp/hdovd_bench_clip.pt")
     torch.save(model.state_dict(), path)
-    return teacher.load_clip(str(path), device)
+    return clip_teacher.load_clip(str(path), device)
 
 
 def random_boxes(n, rng, size=128):

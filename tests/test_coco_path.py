@@ -20,7 +20,7 @@ import config
 import data
 import teacher
 import train
-import world
+import clip_pretrain
 from conftest import REPO
 
 COCO_CONFIG = REPO / "configs" / "ov_coco_faster_rcnn_r50.yaml"
@@ -66,7 +66,7 @@ def tiny_coco(tmp_path_factory):
     # A small CLIP (ViT tower, as ViT-B/32) and ResNet-50 weights, in the official file formats.
     pre = config.ClipPretrainConfig(vision_layers=2, transformer_layers=1, embed_dim=64)
     torch.manual_seed(0)
-    world.save_clip(world.build_clip(pre), root / "clip.pt")
+    clip_pretrain.save_clip(clip_pretrain.build_clip(pre), root / "clip.pt")
     torch.save(torchvision.models.resnet50().state_dict(), root / "resnet50.pth")
     return root
 

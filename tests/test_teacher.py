@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import clip_teacher
 import config
 import data
 import oake
@@ -38,7 +39,7 @@ def clip_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(clip_path):
-    return teacher.load_clip(str(clip_path))
+    return clip_teacher.load_clip(str(clip_path))
 
 
 def _draw_split(root: Path, split: str, n: int, keep_novel: bool, rng) -> None:
@@ -153,39 +154,39 @@ def test_box_token_mask_samples_token_centres():
 
 def test_text_embeddings_and_prompt_errors(model):
     net, _ = model
-    emb = teacher.text_embeddings(net, ["ring", "circle", "ring"], ["a {}.", "the {} here."])
+    emb = clip_teacher.text_embeddings(net, ["ring", "circle", "ring"], ["a {}.", "the {} here."])
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
     assert torch.allclose(emb[0], emb[2], atol=1e-6) and not torch.allclose(emb[0], emb[1], atol=1e-3)
-    with pytest.raises(teacher.TeacherError, match="longer than the text tower"):
-        teacher.text_embeddings(net, ["very " * 30 + "long"], ["a {}."])
+    with pytest.raises(clip_teacher.TeacherError, match="longer than the text tower"):
+        clip_teacher.text_embeddings(net, ["very " * 30 + "long"], ["a {}."])
 
 
 def test_load_clip_jit_archive_equals_state_dict(clip_path, tmp_path):
     """OpenAI ships JIT archives; clip.load rebuilds the same eager model from either format."""
     import warnings
-    eager, _ = teacher.load_clip(str(clip_path))
+    eager, _ = clip_teacher.load_clip(str(clip_path))
     image = torch.randn(2, 3, 32, 32)
     text = clip.tokenize(["a ring", "two circles"], context_length=20)
     with warnings.catch_warnings():  # tracing warns about Python control flow; the trace is fine
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(eager, (image, text), check_trace=False)
     traced.save(str(tmp_path / "jit.pt"))
-    from_jit, _ = teacher.load_clip(str(tmp_path / "jit.pt"))
+    from_jit, _ = clip_teacher.load_clip(str(tmp_path / "jit.pt"))
     assert torch.equal(from_jit.encode_image(image), eager.encode_image(image))
     assert torch.equal(from_jit.encode_text(text), eager.encode_text(text))
 
 
 def test_load_clip_offline_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HDOVD_CLIP_DIR", str(tmp_path / "env"))
-    with pytest.raises(teacher.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
-        teacher.resolve_clip_path("ViT-B/32", str(tmp_path / "mine"))
-    with pytest.raises(teacher.TeacherError, match="neither a file nor an OpenAI CLIP name"):
-        teacher.resolve_clip_path("no/such/model.pt")
+    with pytest.raises(clip_teacher.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
+        clip_teacher.resolve_clip_path("ViT-B/32", str(tmp_path / "mine"))
+    with pytest.raises(clip_teacher.TeacherError, match="neither a file nor an OpenAI CLIP name"):
+        clip_teacher.resolve_clip_path("no/such/model.pt")
     (tmp_path / "env").mkdir()
     (tmp_path / "env" / "ViT-B-32.pt").write_bytes(b"")
-    assert teacher.resolve_clip_path("ViT-B/32") == tmp_path / "env" / "ViT-B-32.pt"
-    with pytest.raises(teacher.TeacherError, match="cannot load CLIP checkpoint"):
-        teacher.load_clip("ViT-B/32")
+    assert clip_teacher.resolve_clip_path("ViT-B/32") == tmp_path / "env" / "ViT-B-32.pt"
+    with pytest.raises(clip_teacher.TeacherError, match="cannot load CLIP checkpoint"):
+        clip_teacher.load_clip("ViT-B/32")
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

@@ -1,4 +1,4 @@
-"""Shapes-OV (world.py): determinism, COCO round trip, world limits, CLIP save/load, skip/--force.
+"""Shapes-OV (world.py, shapes.py, clip_pretrain.py): determinism, COCO round trip, world limits, CLIP save/load, skip/--force.
 
 All tests build tiny worlds in tmp_path (a dozen images, a 1-layer CLIP, a few training steps).
 """
@@ -12,6 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
+import clip_pretrain  # noqa: E402
+import shapes  # noqa: E402
 import world  # noqa: E402
 
 TINY_CLIP = ["clip_pretrain.embed_dim=32", "clip_pretrain.image_resolution=32",
@@ -49,7 +51,7 @@ def test_coco_round_trip(tmp_path):
     world.build_dataset(cfg)
     paths = world.dataset_paths(cfg)
     train, val, caps = (COCO(str(paths[k])) for k in ("train_ann", "val_ann", "captions"))
-    names = world.class_names_of(cfg)
+    names = shapes.class_names_of(cfg)
     num_base = len(cfg.data.base_classes)
     for coco in (train, val):
         cats = coco.loadCats(coco.getCatIds())
@@ -72,21 +74,21 @@ def test_coco_round_trip(tmp_path):
         texts = [a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=image_id))]
         assert 1 <= len(texts) <= 3
         rng = np.random.default_rng([cfg.world.seed, world.SPLITS["train"], image_id])
-        _, objects = world.render_scene(rng, cfg.world, names)
+        _, objects = shapes.render_scene(rng, cfg.world, names)
         words = " ".join(texts).replace(",", " ").split()
         for cat in {o["category"] for o in objects}:
-            assert names[cat] in words or world.plural(names[cat]) in words, (names[cat], texts)
+            assert names[cat] in words or shapes.plural(names[cat]) in words, (names[cat], texts)
             saw_novel |= cat >= num_base
     assert saw_novel
 
 
 def test_scene_limits():
     cfg = config.load_config(None)
-    names = world.class_names_of(cfg)
+    names = shapes.class_names_of(cfg)
     w = cfg.world
     counts = []
     for i in range(30):
-        image, objects = world.render_scene(np.random.default_rng([7, i]), w, names)
+        image, objects = shapes.render_scene(np.random.default_rng([7, i]), w, names)
         assert image.size == (w.image_size, w.image_size)
         counts.append(len(objects))
         for o in objects:
@@ -98,17 +100,17 @@ def test_scene_limits():
             assert 0 <= x0 < x1 <= w.image_size and 0 <= y0 < y1 <= w.image_size
         for a in range(len(objects)):
             for b in range(a + 1, len(objects)):
-                assert world._iou(objects[a]["box"], objects[b]["box"]) <= w.max_pair_iou
+                assert shapes._iou(objects[a]["box"], objects[b]["box"]) <= w.max_pair_iou
     assert min(counts) >= 1 and max(counts) <= w.objects_per_image[1]
     assert np.mean(counts) >= 3  # 2-5 objects asked for: placement rarely gives up
 
 
-@pytest.mark.parametrize("name", world.class_names_of(config.load_config(None)))
+@pytest.mark.parametrize("name", shapes.class_names_of(config.load_config(None)))
 def test_box_is_tight_around_rendered_pixels(name):
     # Rotated by the maximum, stretched: the box must hug the pixels that are mostly covered.
-    polys = world.shape_polygons(name, np.random.default_rng(0))
-    polys, box = world.place_polygons(polys, 40.0, 15.0, (1.1, 0.9), (32.0, 32.0))
-    alpha = world.rasterize(polys, box, 64, 64)
+    polys = shapes.shape_polygons(name, np.random.default_rng(0))
+    polys, box = shapes.place_polygons(polys, 40.0, 15.0, (1.1, 0.9), (32.0, 32.0))
+    alpha = shapes.rasterize(polys, box, 64, 64)
     ys, xs = np.nonzero(alpha > 0.5)
     assert xs.min() >= box[0] - 1 and xs.max() + 1 <= box[2] + 1
     assert ys.min() >= box[1] - 1 and ys.max() + 1 <= box[3] + 1
@@ -118,7 +120,7 @@ def test_box_is_tight_around_rendered_pixels(name):
 def test_crop_is_square_and_shifted_inside():
     from PIL import Image
     image = Image.fromarray(np.arange(100 * 100 * 3, dtype=np.uint8).reshape(100, 100, 3))
-    crop = world.crop_resized(image, (0, 0, 20, 10), 1.5, 16)  # corner box: crop moves inside
+    crop = clip_pretrain.crop_resized(image, (0, 0, 20, 10), 1.5, 16)  # corner box: crop moves inside
     assert crop.size == (16, 16)
     ref = image.resize((16, 16), Image.BICUBIC, box=(0, 0, 30, 30))
     assert np.array_equal(np.asarray(crop), np.asarray(ref))
@@ -128,22 +130,22 @@ def test_contrastive_loss_masks_true_positives():
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     same = torch.zeros(6, dtype=torch.long)  # every caption describes every image
-    assert world.contrastive_loss(emb, emb, same, torch.tensor(10.0)).item() == 0.0
+    assert clip_pretrain.contrastive_loss(emb, emb, same, torch.tensor(10.0)).item() == 0.0
     distinct = torch.arange(6)
-    plain = world.contrastive_loss(emb, emb, distinct, torch.tensor(10.0))
+    plain = clip_pretrain.contrastive_loss(emb, emb, distinct, torch.tensor(10.0))
     assert plain.item() > 0.0
     # Reference: CLIP's loss where the masked entries are dropped by hand.
     pairs = torch.tensor([0, 0, 1, 1, 2, 3])
     logits = 10.0 * emb @ emb.t()
     keep = ~((pairs[:, None] == pairs[None, :]) & ~torch.eye(6, dtype=torch.bool))
     ref = sum(-(logits[i, i] - logits[i][keep[i]].logsumexp(0)) for i in range(6)) / 6
-    assert torch.allclose(world.contrastive_loss(emb, emb, pairs, torch.tensor(10.0)), ref)
+    assert torch.allclose(clip_pretrain.contrastive_loss(emb, emb, pairs, torch.tensor(10.0)), ref)
 
 
 def test_filler_keeps_the_caption_and_adds_only_filler_words():
-    tokens = world.clip.tokenize(["a star", "two rings at the top"], context_length=12)
+    tokens = clip_pretrain.clip.tokenize(["a star", "two rings at the top"], context_length=12)
     gen = torch.Generator().manual_seed(0)
-    out = world.insert_filler(tokens, torch.tensor([111, 222]), 1.0, gen)
+    out = clip_pretrain.insert_filler(tokens, torch.tensor([111, 222]), 1.0, gen)
     for before, after in zip(tokens, out):
         before, after = before[before != 0].tolist(), after[after != 0].tolist()
         assert after[0] == before[0] and after[-1] == before[-1]  # SOT ... EOT kept
@@ -153,21 +155,21 @@ def test_filler_keeps_the_caption_and_adds_only_filler_words():
 
 def test_templates_must_not_occur_in_training_captions():
     with pytest.raises(ValueError, match="teacher.templates"):
-        world.check_templates(["a {}."], ["star"], ["two rings and a star"])
-    world.check_templates(["a photo of a {}."], ["star"], ["a small star at the top"])
+        clip_pretrain.check_templates(["a {}."], ["star"], ["two rings and a star"])
+    clip_pretrain.check_templates(["a photo of a {}."], ["star"], ["a small star at the top"])
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.load:FutureWarning")  # clip.load tries JIT first
 def test_clip_state_dict_round_trip(tmp_path):
-    clip = world.clip
+    clip = clip_pretrain.clip
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
-    model = world.build_clip(cfg.clip_pretrain).eval()
+    model = clip_pretrain.build_clip(cfg.clip_pretrain).eval()
     path = tmp_path / "clip.pt"
-    world.save_clip(model, path)
+    clip_pretrain.save_clip(model, path)
     loaded, preprocess = clip.load(str(path), device="cpu", jit=False)
     assert loaded.visual.input_resolution == 32 and loaded.context_length == 32
-    reference = world.build_clip(cfg.clip_pretrain)
+    reference = clip_pretrain.build_clip(cfg.clip_pretrain)
     reference.load_state_dict(model.state_dict())
     clip.model.convert_weights(reference)  # what the fp16 checkpoint holds
     reference = reference.float().eval()
@@ -178,7 +180,7 @@ def test_clip_state_dict_round_trip(tmp_path):
         assert torch.equal(loaded.encode_text(tokens), reference.encode_text(tokens))
         assert torch.allclose(loaded.encode_image(images), model.encode_image(images), atol=2e-2)
     with pytest.raises(ValueError, match="multiple of 64"):
-        world.build_clip(tiny_cfg(tmp_path, "clip_pretrain.vision_width=96").clip_pretrain)
+        clip_pretrain.build_clip(tiny_cfg(tmp_path, "clip_pretrain.vision_width=96").clip_pretrain)
 
 
 def test_build_world_skips_finished_steps_and_force_rebuilds(tmp_path):
