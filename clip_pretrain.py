@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import config as config_lib
+import data
 from clip_teacher import load_clip, text_embeddings
 from shapes import SPLITS, class_names_of, make_captions, parallel_map, render_scene
 
@@ -261,14 +261,10 @@ def pretrain_clip(cfg, pool: dict):
 
 def save_clip(model, path: str | Path) -> None:
     """Save as OpenAI does: a plain state dict with the weights clip.model.convert_weights makes
-    fp16, so clip.load(path, jit=False) rebuilds exactly this model. Atomic (tmp + os.replace)."""
+    fp16, so clip.load(path, jit=False) rebuilds exactly this model. Atomic (data.write_atomic)."""
     half = copy.deepcopy(model).cpu().float()
     clip.model.convert_weights(half)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(half.state_dict(), tmp)
-    os.replace(tmp, path)
+    data.write_atomic(path, lambda tmp: torch.save(half.state_dict(), tmp))
 
 
 def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> dict:

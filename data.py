@@ -63,7 +63,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -438,15 +437,22 @@ def remap_ov_coco(data: dict, source) -> dict:
     return out
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written outputs."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``.
+
+    Readers (and a crash) see the old file or the new one, never half of one: os.replace is atomic
+    on POSIX within a folder. The folder is created when missing; the temporary file is removed
+    when ``write`` fails. Used for the project's outputs: annotations, the teacher, knowledge
+    files, checkpoints, metrics and detections.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: shards never collide
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"))  # compact, as the official script
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -503,7 +509,8 @@ def build_ov_coco(coco_root, out_dir=None, force: bool = False) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         for suffix, path in todo.items():
             out = outputs[suffix](data)
-            _write_json_atomic(out, path)
+            # compact, as the official script
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(out, separators=(",", ":"))))
             print(f"wrote {path}: {len(out['images'])} images, {len(out['annotations'])} annotations")
             written.append(path)
     return written

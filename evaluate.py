@@ -244,6 +244,11 @@ def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
     return model.to(device).eval(), cfg, ckpt
 
 
+def write_metrics(metrics: dict, path: Path) -> None:
+    """``metrics.json`` (percent AP values, per-class AP50, counts), indented, atomically."""
+    data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+
+
 def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None) -> dict:
     """``python evaluate.py ckpt.pth``: val-split metrics and detections, written next to the
     checkpoint (or into ``out_dir``). Returns the metrics."""
@@ -256,9 +261,8 @@ def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None) -> dict:
                                       max_images=cfg.eval.max_images)
     metrics["step"] = ckpt.get("step")
     out_dir = Path(out_dir) if out_dir else Path(ckpt_path).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "detections_val.json").write_text(json.dumps(results))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    data.write_atomic(out_dir / "detections_val.json", lambda tmp: tmp.write_text(json.dumps(results)))
+    write_metrics(metrics, out_dir / "metrics.json")
     print(format_table(metrics, cfg.data.base_classes, cfg.data.novel_classes))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'detections_val.json'}")
     return metrics
@@ -349,8 +353,8 @@ def detect_custom(ckpt_path, image_paths: list[str], vocabulary: str, out_dir,
         records.append({"file": str(path), "width": w, "height": h, "detections": [
             {"label": names[l], "score": round(s, 5), "box_xyxy": [round(v, 2) for v in b]}
             for b, s, l in zip(boxes.tolist(), scores.tolist(), labels.tolist())]})
-    (out_dir / "detections.json").write_text(json.dumps(
-        {"vocabulary": names, "novel": names[num_base:], "images": records}, indent=1))
+    text = json.dumps({"vocabulary": names, "novel": names[num_base:], "images": records}, indent=1)
+    data.write_atomic(out_dir / "detections.json", lambda tmp: tmp.write_text(text))
     for r in records:
         shown = sum(d["score"] >= cfg.eval.vis_score_thresh for d in r["detections"])
         print(f"{r['file']}: {shown} detections >= {cfg.eval.vis_score_thresh} "

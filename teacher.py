@@ -89,12 +89,11 @@ def knowledge_is_built(cfg) -> bool:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """JSON (indented) for ``.json`` paths, torch.save otherwise; atomic (data.write_atomic)."""
     if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=1))
+        data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+        data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _file_done(path: Path) -> bool:

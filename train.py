@@ -152,10 +152,8 @@ def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (data.write_atomic): a crash never leaves a half-written ckpt."""
+    data.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def rng_state() -> dict:
@@ -445,7 +443,7 @@ def main(argv=None) -> dict:
     metrics = run_eval(step)
     checkpoint(step, rng, metrics)
     if master:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        evaluate.write_metrics(metrics, run_dir / "metrics.json")
         print(f"train.py: wrote {run_dir / 'metrics.json'} and {ckpt_path}")
         log_file.close()
     if ddp:

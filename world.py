@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 
 import clip_pretrain  # noqa: E402  (imports torch)
 import config as config_lib  # noqa: E402
+import data  # noqa: E402
 from shapes import (SPLITS, class_names_of, make_captions, parallel_map,  # noqa: E402
                     render_scene, shape_polygons)
 
@@ -75,12 +76,10 @@ def _render_image_job(job):
     return index, objects, captions
 
 
-def _write_json(path: Path, data) -> None:
+def _write_json(path: Path, obj) -> None:
     """Atomic, deterministic JSON (sorted keys, fixed separators)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, path)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    data.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _world_info(cfg) -> dict:
