@@ -375,6 +375,14 @@ def knowledge_dir(cfg) -> Path:
     return Path(cfg.data.root) / cfg.data.knowledge_dir
 
 
+def split_paths(cfg, split: str) -> tuple[Path, Path]:
+    """(image folder, annotation file) of the ``train`` or ``val`` split of cfg.data."""
+    d, root = cfg.data, Path(cfg.data.root)
+    if split == "train":
+        return root / d.train_images, root / d.train_ann
+    return root / d.val_images, root / d.val_ann
+
+
 def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetectionDataset:
     """The ``train`` (base boxes, flip, optional knowledge) or ``val`` (all classes) dataset of cfg.data."""
     d = cfg.data
@@ -386,8 +394,7 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
     train = split == "train"
     if knowledge is None:
         knowledge = train
-    image_dir = root / (d.train_images if train else d.val_images)
-    ann_file = root / (d.train_ann if train else d.val_ann)
+    image_dir, ann_file = split_paths(cfg, split)
     for path, what in ((image_dir, "image folder"), (ann_file, "annotation file")):
         if not path.exists():
             raise _missing(path, what, d.dataset, root)

@@ -67,6 +67,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import data
+from detector import batch_images
 
 RETURNED_LAYERS = [2, 3, 4]  # ResNet stages -> FPN levels at strides 8, 16, 32 (+ max-pool 64)
 BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision RPN BoxCoder weights
@@ -179,17 +180,6 @@ def proposal_losses(net, logits, deltas, anchors, gt_boxes, pcfg) -> dict:
             "loss_box": torch.stack(loss_box).mean() if loss_box else zero}
 
 
-def batch_images(images: list, size_divisible: int = 32):
-    """Zero-pad normalised images to one (B, 3, H, W) tensor; returns it and the (h, w) sizes."""
-    sizes = [tuple(im.shape[-2:]) for im in images]
-    h = int(math.ceil(max(s[0] for s in sizes) / size_divisible) * size_divisible)
-    w = int(math.ceil(max(s[1] for s in sizes) / size_divisible) * size_divisible)
-    batch = images[0].new_zeros(len(images), 3, h, w)
-    for im, out in zip(images, batch):
-        out[:, :im.shape[1], :im.shape[2]].copy_(im)
-    return batch, sizes
-
-
 def train_proposal_net(cfg, device="cpu", log=print):
     """Train on the train split's base boxes (flip augmentation) for the configured time budget."""
     pcfg = cfg.teacher.proposals
@@ -211,7 +201,8 @@ def train_proposal_net(cfg, device="cpu", log=print):
             lr = pcfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch, sizes = batch_images(images)
+            padded = batch_images(images)  # the detector's zero padding to multiples of 32
+            batch, sizes = padded.tensors, padded.image_sizes
             batch = batch.to(device, memory_format=torch.channels_last)  # faster convs (measured)
             with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=pcfg.amp):
                 logits, deltas, anchors, _ = net(batch, sizes)

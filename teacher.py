@@ -64,6 +64,7 @@ from torchvision.ops import box_iou
 import config as config_lib
 import data
 import proposals as proposals_lib
+from detector import batch_images
 from clip_teacher import TeacherError, load_clip, load_templates, text_embeddings
 from oake import embed_images_and_boxes, model_device
 from pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
@@ -108,9 +109,7 @@ def _file_done(path: Path) -> bool:
 def _split_dataset(cfg, split: str, transforms=None):
     """OVDetectionDataset over every image of the split (no skipping), for reading boxes/images."""
     d = cfg.data
-    root = Path(d.root)
-    image_dir = root / (d.train_images if split == "train" else d.val_images)
-    ann = root / (d.train_ann if split == "train" else d.val_ann)
+    image_dir, ann = data.split_paths(cfg, split)
     return data.OVDetectionDataset(image_dir, ann, d.base_classes + d.novel_classes,
                                    len(d.base_classes), transforms, train=False)
 
@@ -217,7 +216,8 @@ def run_proposals(net, cfg, split: str, indices, device) -> dict:
                                          collate_fn=data.collate)
     out = {}
     for images, targets in loader:
-        batch, sizes = proposals_lib.batch_images(images)
+        padded = batch_images(images)
+        batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)
         min_side = [t.pseudo_min_side * r[0].item() for r in ratios]  # original px -> resized px
         kept = proposals_lib.propose(net, batch.to(device), sizes, t.num_pseudo_boxes, t.pseudo_nms_iou,
