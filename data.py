@@ -26,7 +26,7 @@ Dataset contract (``OVDetectionDataset``, built from config by ``build_dataset``
   COCOeval reads crowd regions from the GT file itself. With ``skip_images_without_base`` images with no
   remaining base box are left out of ``ids`` (mmdet ``filter_empty_gt``).
 
-Knowledge FILE contract (written by teacher.py, read here): ``<knowledge_dir>/<image file stem>.pt``
+Knowledge FILE contract (written by knowledge/extract.py, read here): ``<knowledge_dir>/<image file stem>.pt``
 ---------------------------------------------------------------------------------------------------
 A ``torch.save``d dict (D = CLIP embedding width, n = annotations of that image in the TRAIN file,
 P = pseudo boxes, P may be 0; all embeddings L2-normalised):
@@ -94,9 +94,9 @@ OV_COCO_NOVEL: list[tuple[str, int]] = [
 
 KNOWLEDGE_KEYS = ("image_emb", "gt_ann_ids", "gt_emb", "pseudo_boxes", "pseudo_img_emb",
                   "pseudo_txt_emb", "pseudo_weight")
-TEACHER_ADVICE = "re-run `python teacher.py --config config.yaml` to (re)write the knowledge files"
+TEACHER_ADVICE = "re-run `python -m knowledge --config config.yaml` to (re)write the knowledge files"
 BUILD_ADVICE = {
-    "shapes_ov": "build it with `python world.py --config config.yaml`",
+    "shapes_ov": "build it with `python -m shapes_ov --config config.yaml`",
     "coco": "download COCO 2017 images and annotations (cocodataset.org) into it and run "
             "`python data.py ov-coco --coco-root {root}`",
 }
@@ -371,7 +371,7 @@ class OVDetectionDataset(torch.utils.data.Dataset):
 
 
 def knowledge_dir(cfg) -> Path:
-    """Folder of the per-image knowledge files written by teacher.py."""
+    """Folder of the per-image knowledge files written by knowledge/extract.py."""
     return Path(cfg.data.root) / cfg.data.knowledge_dir
 
 

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 import config
 import data
-import clip_teacher
+from knowledge import clip_io
 import hdovd
 
 METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all"]
@@ -324,8 +324,8 @@ def detect_custom(ckpt_path, image_paths: list[str], vocabulary: str, out_dir,
         raise ValueError(f"--images: two images share a file stem ({stems}); out/<stem>.png "
                          f"would overwrite one with the other")
     names, num_base = parse_vocabulary(vocabulary, cfg.data.base_classes)
-    clip_model, _ = clip_teacher.load_clip(cfg.teacher.clip_model, device, cfg.teacher.clip_dir)
-    text = clip_teacher.text_embeddings(clip_model, names, clip_teacher.load_templates(cfg)).to(device)  # [C, D]
+    clip_model, _ = clip_io.load_clip(cfg.teacher.clip_model, device, cfg.teacher.clip_dir)
+    text = clip_io.text_embeddings(clip_model, names, clip_io.load_templates(cfg)).to(device)  # [C, D]
     d_model = model.class_embeddings.shape[1]
     if text.shape[1] != d_model:
         raise ValueError(f"teacher.clip_model={cfg.teacher.clip_model} gives {text.shape[1]}-d text "
@@ -381,7 +381,7 @@ def main(argv=None):
             return detect_custom(args.checkpoint, args.images, args.vocabulary, args.out,
                                  args.overrides)
         return evaluate_checkpoint(args.checkpoint, args.overrides, args.out_dir)
-    except (config.ConfigError, data.DataError, clip_teacher.TeacherError, FileNotFoundError,
+    except (config.ConfigError, data.DataError, clip_io.TeacherError, FileNotFoundError,
             ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")
 

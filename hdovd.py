@@ -9,7 +9,7 @@ Contract (DETR's three-way split)
 * ``build_hdovd(cfg, class_embeddings=None) -> HDOVD``. ``class_embeddings`` [C_all, D] are the
   prompt-ensembled CLIP text embeddings of ``cfg.data.base_classes + cfg.data.novel_classes``
   (default: read from ``<data.root>/<data.knowledge_dir>/class_embeddings.pt``, written by
-  teacher.py). They are a buffer, so a checkpoint is self-contained.
+  knowledge/extract.py). They are a buffer, so a checkpoint is self-contained.
 * ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
   numbers for logging only). ``images``: list of [3, H, W] normalised tensors; ``targets``: data.py
   dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge`` with ``gt_emb``,
@@ -83,7 +83,7 @@ class HDOVD(nn.Module):
             if (self.use_pseudo or self.image is not None) and know is None:
                 raise ValueError(f"image {t.get('image_id')}: a hierarchy needs offline CLIP knowledge "
                                  f"but the sample has none; build it with "
-                                 f"`python teacher.py --config config.yaml`")
+                                 f"`python -m knowledge --config config.yaml`")
             p_idx = self.select_pseudo(know) if self.use_pseudo else torch.zeros(0, dtype=torch.long)
             p_boxes = know["pseudo_boxes"][p_idx] if self.use_pseudo else boxes.new_zeros(0, 4)
             first_pseudo_label = nb + sum(len(p) for p in pseudo_texts)  # batch-wide pseudo classes
@@ -207,16 +207,16 @@ def loss_weights(cfg) -> dict[str, float]:
 
 
 def load_class_embeddings(cfg) -> torch.Tensor:
-    """Read teacher.py's ``class_embeddings.pt`` and check it lists the configured classes in order."""
+    """Read knowledge/extract.py's ``class_embeddings.pt`` and check it lists the configured classes in order."""
     path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
     if not path.is_file():
         raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
-                                f"`python teacher.py --config <your config>`")
+                                f"`python -m knowledge --config <your config>`")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     names = cfg.data.base_classes + cfg.data.novel_classes
     if list(saved["class_names"]) != names:
         raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "
-                         f"re-run teacher.py for this config")
+                         f"re-run `python -m knowledge --config <your config>`")
     return saved["embeddings"].float()
 
 

@@ -12,7 +12,7 @@ Commands
 Any config works the same way (OV-COCO: the paper settings in configs/).
 
 Order (nanoGPT's, STYLE §4.6): config → torchrun env → DDP init (gloo on CPU, NCCL on CUDA) →
-seed + rank → missing preparation steps on rank 0 (world.py for Shapes-OV, teacher.py knowledge),
+seed + rank → missing preparation steps on rank 0 (shapes_ov/world.py for Shapes-OV, knowledge/extract.py knowledge),
 the other ranks wait at a barrier → data → model → optimizer + schedule → resume → loop →
 final evaluation + checkpoint.
 
@@ -71,13 +71,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import clip_teacher
 import config
 import data
 import evaluate
 import hdovd
-import teacher
-import world
+from knowledge import clip_io, extract
+from shapes_ov import world
 
 # Config keys a resumed run may change: where it runs, how it logs and evaluates, how long it
 # trains. (run.seed is not among them: it sets the data order.)
@@ -183,14 +182,14 @@ def to_device(obj, device):
 
 
 def prepare(cfg: config.Config) -> None:
-    """Run the missing preparation steps: Shapes-OV and its teacher (world.py), then the offline
-    CLIP knowledge (teacher.py). Each step skips what is already built."""
+    """Run the missing preparation steps: Shapes-OV and its teacher (shapes_ov/world.py), then the offline
+    CLIP knowledge (knowledge/extract.py). Each step skips what is already built."""
     if cfg.data.dataset == "shapes_ov" and not world.world_is_built(cfg):
-        print("train.py: Shapes-OV or its teacher is missing, building it (world.py)")
+        print("train.py: Shapes-OV or its teacher is missing, building it (shapes_ov/world.py)")
         world.build_world(cfg)
-    if not teacher.knowledge_is_built(cfg):
-        print("train.py: offline CLIP knowledge is missing, extracting it (teacher.py)")
-        teacher.build_knowledge(cfg)
+    if not extract.knowledge_is_built(cfg):
+        print("train.py: offline CLIP knowledge is missing, extracting it (knowledge/extract.py)")
+        extract.build_knowledge(cfg)
 
 
 def batches(dataset, cfg: config.Config, rank: int, world_size: int, start_step: int, pin: bool):
@@ -251,7 +250,7 @@ def main(argv=None) -> dict:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_path = run_dir / "ckpt.pth"
 
-    # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `teacher.py` first
+    # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `python -m knowledge` first
     # (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
     if master:
         prepare(cfg)
@@ -454,6 +453,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (config.ConfigError, data.DataError, clip_teacher.TeacherError, FileNotFoundError,
+    except (config.ConfigError, data.DataError, clip_io.TeacherError, FileNotFoundError,
             ValueError) as e:
         sys.exit(f"train.py: error: {e}")

@@ -7,7 +7,7 @@ Uses the teacher named by ``teacher.clip_model`` when it exists, else a randomly
 of the ``clip_pretrain`` architecture (same cost). Boxes are random (sides 16-56 px, the world's
 object sizes) on random 128 px images. The crop preparation (PIL crop + CLIP preprocess + token
 mask, CPU, shared by all modes) is timed on its own. CPU always; CUDA too when a GPU is present.
-Runs with ``teacher.threads`` torch threads like teacher.py (``--set teacher.threads=0``: all cores).
+Runs with ``teacher.threads`` torch threads like knowledge/extract.py (``--set teacher.threads=0``: all cores).
 Timings on a shared machine are approximate.
 """
 import argparse
@@ -22,23 +22,22 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip.model  # noqa: E402
 
-import clip_teacher  # noqa: E402
+from knowledge import clip_io, oake  # noqa: E402
 import config as config_lib  # noqa: E402
-import oake  # noqa: E402
 
 MODES = [("plain crop", "crop", 1), ("OAKE, no upsampling", "oake", 1), ("OAKE, 2x upsampling", "oake", 2)]
 
 
 def build_model(cfg, device):
     if Path(cfg.teacher.clip_model).is_file():
-        return clip_teacher.load_clip(cfg.teacher.clip_model, device)
+        return clip_io.load_clip(cfg.teacher.clip_model, device)
     c = cfg.clip_pretrain  # same architecture as the Shapes-OV teacher (heads = width // 64, as clip.load)
     model = clip.model.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width,
                             c.vision_patch_size, c.context_length, c.vocab_size,
                             c.transformer_width, c.transformer_width // 64, c.transformer_layers)
     path = Path("/tmp/hdovd_bench_clip.pt")
     torch.save(model.state_dict(), path)
-    return clip_teacher.load_clip(str(path), device)
+    return clip_io.load_clip(str(path), device)
 
 
 def random_boxes(n, rng, size=128):
@@ -64,7 +63,7 @@ def main():
     parser.add_argument("--single", type=int, default=64, help="boxes for the one-at-a-time runs")
     args = parser.parse_args()
     cfg = config_lib.config_from_args(args)
-    if cfg.teacher.threads > 0:  # the same setting as the extraction in teacher.py
+    if cfg.teacher.threads > 0:  # the same setting as the extraction in knowledge/extract.py
         torch.set_num_threads(cfg.teacher.threads)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)) for _ in range(8)]

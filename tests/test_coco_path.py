@@ -3,7 +3,7 @@
 A tiny COCO-layout directory is made here (official category ids and names, 2017 file names),
 turned into the OV-COCO 48/17 files by ``data.build_ov_coco``, given a small CLIP in OpenAI's
 state-dict format (clip.load reads it like ViT-B/32) and a torchvision-format ResNet-50 state dict.
-Then teacher.py extracts knowledge with the COCO settings (OAKE with √(8wh) context and 2×
+Then knowledge/extract.py extracts knowledge with the COCO settings (OAKE with √(8wh) context and 2×
 upsampling, the ImageNet templates, the COCO noun vocabulary) and train.py runs two steps with the
 config's architecture (ResNet-50 + FPN 256, frozen BN, SGD) at a small image size, and evaluates.
 Only sizes, step counts and paths are overridden; every code path is the COCO one.
@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 
 import config
 import data
-import teacher
+from knowledge import extract
 import train
-import clip_pretrain
+from shapes_ov import clip_pretrain
 from conftest import REPO
 
 COCO_CONFIG = REPO / "configs" / "ov_coco_faster_rcnn_r50.yaml"
@@ -104,4 +104,4 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     # frozen stem and stage 1 (official frozen_stages=1) did not move
     saved = torch.load(tiny_coco / "resnet50.pth")
     assert torch.equal(ckpt["model"]["detector.backbone.body.conv1.weight"], saved["conv1.weight"])
-    assert teacher.knowledge_is_built(cfg)
+    assert extract.knowledge_is_built(cfg)

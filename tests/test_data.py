@@ -174,7 +174,7 @@ def test_knowledge_aligned_by_annotation_id(tmp_path):
     assert t["knowledge"]["pseudo_boxes"].shape == (0, 4)
     # a kept box without a row: clear error naming the file and the fix
     _write_knowledge(kdir, "a", [13, 12], num_pseudo=1)
-    with pytest.raises(data.DataError, match=r"a\.pt.*\[11\].*teacher\.py"):
+    with pytest.raises(data.DataError, match=r"a\.pt.*\[11\].*python -m knowledge"):
         ds[0]
 
 
@@ -182,12 +182,12 @@ def test_missing_knowledge_file_and_folder(tmp_path):
     kdir = tmp_path / "knowledge"
     kdir.mkdir()
     ds = make_dataset(tmp_path, knowledge_dir=str(kdir))
-    with pytest.raises(data.DataError, match=r"knowledge.a\.pt.*not found.*teacher\.py"):
+    with pytest.raises(data.DataError, match=r"knowledge.a\.pt.*not found.*python -m knowledge"):
         ds[0]
     (kdir / "a.pt").write_bytes(b"not a torch file")
     with pytest.raises(data.DataError, match=r"cannot read knowledge file .*a\.pt"):
         ds[0]
-    with pytest.raises(data.DataError, match=r"nowhere.*teacher\.py"):
+    with pytest.raises(data.DataError, match=r"nowhere.*python -m knowledge"):
         make_dataset(tmp_path, knowledge_dir=str(tmp_path / "nowhere"))
 
 
@@ -215,14 +215,14 @@ def test_missing_categories_are_named(tmp_path):
 
 def test_missing_root_says_which_command_builds_it(tmp_path):
     cfg = load_config(None, [f"data.root={tmp_path / 'absent'}"])
-    with pytest.raises(data.DataError, match=r"absent.*python world\.py --config config\.yaml"):
+    with pytest.raises(data.DataError, match=r"absent.*python -m shapes_ov --config config\.yaml"):
         data.build_dataset(cfg, "train")
     cfg = load_config(None, [f"data.root={tmp_path / 'coco'}", "data.dataset=coco"])
     with pytest.raises(data.DataError, match=r"coco.*python data\.py ov-coco --coco-root"):
         data.build_dataset(cfg, "val")
     (tmp_path / "absent").mkdir()
     cfg = load_config(None, [f"data.root={tmp_path / 'absent'}"])
-    with pytest.raises(data.DataError, match=r"train.*not found.*world\.py"):
+    with pytest.raises(data.DataError, match=r"train.*not found.*python -m shapes_ov"):
         data.build_dataset(cfg, "train")
 
 

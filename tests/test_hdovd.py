@@ -10,7 +10,7 @@ What is checked
 * ``class_probabilities`` equals the METHOD §7 ensemble written out by hand; plain p1 without H1.
 * ``postprocess``: score threshold, class-wise NMS, ``max_detections``.
 * Hierarchy switches: all off needs no knowledge; H1/H3 without knowledge → clear error naming
-  teacher.py; H2 off → pseudo boxes carry classification weight 0; text space on → finite terms;
+  knowledge/extract.py; H2 off → pseudo boxes carry classification weight 0; text space on → finite terms;
   ``loss_weights`` covers every ``loss_*`` key.
 * Queues and the EMA bank are buffers in ``state_dict`` (resume).
 * A one-batch overfit (bright rectangles on a dark background, distillation on with random teacher
@@ -213,7 +213,7 @@ def test_hierarchy_without_knowledge_names_teacher_py(switch):
     _, model = build(*ALL_OFF, switch)
     images, targets = make_batch(model.class_embeddings, knowledge=False)
     model.train()
-    with pytest.raises(ValueError, match="teacher.py"):
+    with pytest.raises(ValueError, match="python -m knowledge"):
         model(images, targets)
 
 

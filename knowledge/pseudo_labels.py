@@ -113,7 +113,7 @@ def caption_nouns(cfg, matcher: NounMatcher) -> dict[int, list[str]]:
     path = Path(cfg.data.root) / cfg.data.captions
     if not path.is_file():
         raise FileNotFoundError(f"captions file '{path}' (data.captions) not found; Shapes-OV: "
-                                f"`python world.py --config config.yaml`; COCO: "
+                                f"`python -m shapes_ov --config config.yaml`; COCO: "
                                 f"annotations/captions_train2017.json from cocodataset.org")
     try:
         anns = json.loads(path.read_text())["annotations"]
@@ -141,7 +141,7 @@ def assign_nouns(box_emb, noun_emb):
 def calibrate_weight(cos, correct, l2: float = 1e-3, steps: int = 50) -> dict:
     """Fit P(noun right | cos) = sigmoid((cos - mu) / sigma), and a = 1 / mean(sigmoid | right).
 
-    Samples (teacher.py ``_calibration``): every (train GT box of a base class, caption noun of its
+    Samples (knowledge/extract.py ``_calibration``): every (train GT box of a base class, caption noun of its
     image) pair, ``correct`` = the noun is the box's class. The truth is known for base boxes only,
     and pairing with every caption noun (not only the best one) gives wrong pairs even when the
     teacher picks the right noun for every box. Logistic regression by Newton steps, with a ridge

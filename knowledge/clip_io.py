@@ -2,13 +2,13 @@
 
 * ``load_clip(name_or_path, device, clip_dir)`` -> (model, preprocess): an OpenAI model name
   ("ViT-B/32", looked up in ``clip_search_dirs``: teacher.clip_dir, $HDOVD_CLIP_DIR,
-  ~/.cache/clip; never downloaded) or a path; JIT archives and plain state dicts alike (world.py
+  ~/.cache/clip; never downloaded) or a path; JIT archives and plain state dicts alike (shapes_ov/world.py
   saves the Shapes-OV teacher as a state dict). ViT image towers only (OAKE needs the tokens).
 * ``load_templates(cfg)`` -> the prompt templates (teacher.templates or teacher.templates_file).
 * ``text_embeddings(model, names, templates)`` -> FloatTensor[C, D] on CPU, L2-normalised.
 * ``TeacherError``: a teacher input is missing or invalid (the message says what to do).
 
-Used by teacher.py (class and caption-noun texts), world.py (the teacher's zero-shot check) and
+Used by knowledge/extract.py (class and caption-noun texts), shapes_ov/world.py (the teacher's zero-shot check) and
 evaluate.py (a custom vocabulary). References: CLIP's ``clip.load`` and its ImageNet prompt
 ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 """
@@ -25,7 +25,11 @@ with warnings.catch_warnings():  # clip imports the deprecated pkg_resources (ha
     warnings.simplefilter("ignore", UserWarning)
     import clip
 
-from oake import model_device
+
+def model_device(model) -> torch.device:
+    """The device of a CLIP model (its first vision conv)."""
+    return model.visual.conv1.weight.device
+
 
 class TeacherError(RuntimeError):
     """A teacher input is missing or invalid; the message names the file/key and the fix."""
@@ -50,7 +54,7 @@ def resolve_clip_path(name_or_path: str, clip_dir: str = "") -> Path:
         raise TeacherError(
             f"teacher.clip_model '{name_or_path}' is neither a file nor an OpenAI CLIP name "
             f"({', '.join(urls)}); for Shapes-OV build the teacher with "
-            f"`python world.py --config config.yaml`")
+            f"`python -m shapes_ov --config config.yaml`")
     file_name = os.path.basename(urls[name_or_path])
     dirs = clip_search_dirs(clip_dir)
     for d in dirs:

@@ -1,4 +1,4 @@
-"""teacher.py, oake.py, pseudo_labels.py, proposals.py: CPU tests on tiny data made here.
+"""knowledge/extract.py, oake.py, pseudo_labels.py, proposals.py: CPU tests on tiny data made here.
 
 A small random CLIP (ViT 2 layers x 64, patch 8, 32 px) stands in for the teacher: the tests check
 the plumbing and the maths (parity with encode_image, batching, geometry, noun matching,
@@ -15,13 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import clip_teacher
 import config
 import data
-import oake
-import proposals
-import pseudo_labels
-import teacher
+from knowledge import clip_io, extract, oake, proposals, pseudo_labels
 
 BASE, NOVEL = ["circle", "square"], ["ring"]
 
@@ -39,7 +35,7 @@ def clip_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(clip_path):
-    return clip_teacher.load_clip(str(clip_path))
+    return clip_io.load_clip(str(clip_path))
 
 
 def _draw_split(root: Path, split: str, n: int, keep_novel: bool, rng) -> None:
@@ -154,47 +150,47 @@ def test_box_token_mask_samples_token_centres():
 
 def test_text_embeddings_and_prompt_errors(model):
     net, _ = model
-    emb = clip_teacher.text_embeddings(net, ["ring", "circle", "ring"], ["a {}.", "the {} here."])
+    emb = clip_io.text_embeddings(net, ["ring", "circle", "ring"], ["a {}.", "the {} here."])
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
     assert torch.allclose(emb[0], emb[2], atol=1e-6) and not torch.allclose(emb[0], emb[1], atol=1e-3)
-    with pytest.raises(clip_teacher.TeacherError, match="longer than the text tower"):
-        clip_teacher.text_embeddings(net, ["very " * 30 + "long"], ["a {}."])
+    with pytest.raises(clip_io.TeacherError, match="longer than the text tower"):
+        clip_io.text_embeddings(net, ["very " * 30 + "long"], ["a {}."])
 
 
 def test_load_clip_jit_archive_equals_state_dict(clip_path, tmp_path):
     """OpenAI ships JIT archives; clip.load rebuilds the same eager model from either format."""
     import warnings
-    eager, _ = clip_teacher.load_clip(str(clip_path))
+    eager, _ = clip_io.load_clip(str(clip_path))
     image = torch.randn(2, 3, 32, 32)
     text = clip.tokenize(["a ring", "two circles"], context_length=20)
     with warnings.catch_warnings():  # tracing warns about Python control flow; the trace is fine
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(eager, (image, text), check_trace=False)
     traced.save(str(tmp_path / "jit.pt"))
-    from_jit, _ = clip_teacher.load_clip(str(tmp_path / "jit.pt"))
+    from_jit, _ = clip_io.load_clip(str(tmp_path / "jit.pt"))
     assert torch.equal(from_jit.encode_image(image), eager.encode_image(image))
     assert torch.equal(from_jit.encode_text(text), eager.encode_text(text))
 
 
 def test_load_clip_offline_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HDOVD_CLIP_DIR", str(tmp_path / "env"))
-    with pytest.raises(clip_teacher.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
-        clip_teacher.resolve_clip_path("ViT-B/32", str(tmp_path / "mine"))
-    with pytest.raises(clip_teacher.TeacherError, match="neither a file nor an OpenAI CLIP name"):
-        clip_teacher.resolve_clip_path("no/such/model.pt")
+    with pytest.raises(clip_io.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
+        clip_io.resolve_clip_path("ViT-B/32", str(tmp_path / "mine"))
+    with pytest.raises(clip_io.TeacherError, match="neither a file nor an OpenAI CLIP name"):
+        clip_io.resolve_clip_path("no/such/model.pt")
     (tmp_path / "env").mkdir()
     (tmp_path / "env" / "ViT-B-32.pt").write_bytes(b"")
-    assert clip_teacher.resolve_clip_path("ViT-B/32") == tmp_path / "env" / "ViT-B-32.pt"
-    with pytest.raises(clip_teacher.TeacherError, match="cannot load CLIP checkpoint"):
-        clip_teacher.load_clip("ViT-B/32")
+    assert clip_io.resolve_clip_path("ViT-B/32") == tmp_path / "env" / "ViT-B-32.pt"
+    with pytest.raises(clip_io.TeacherError, match="cannot load CLIP checkpoint"):
+        clip_io.load_clip("ViT-B/32")
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     repo_config = str(Path(__file__).resolve().parents[1] / "config.yaml")
-    with pytest.raises(SystemExit, match=r"teacher\.py: error: .*world\.py"):  # no dataset yet
-        teacher.main(["--config", repo_config, "--set", f"data.root={tmp_path / 'none'}"])
+    with pytest.raises(SystemExit, match=r"knowledge: error: .*python -m shapes_ov"):  # no dataset yet
+        extract.main(["--config", repo_config, "--set", f"data.root={tmp_path / 'none'}"])
     with pytest.raises(SystemExit, match="must be in 0..1"):
-        teacher.main(["--config", repo_config, "--shard", "2", "--num-shards", "2"])
+        extract.main(["--config", repo_config, "--shard", "2", "--num-shards", "2"])
 
 
 # ---- caption nouns and the pseudo weight ---------------------------------------------------------
@@ -283,15 +279,15 @@ def test_external_proposal_file(tmp_path):
 
 def test_extraction_contract_resume_and_shards(tiny_cfg):
     kdir = data.knowledge_dir(tiny_cfg)
-    assert teacher.build_knowledge(tiny_cfg, shard=0, num_shards=2) is None  # the other half missing
-    assert not teacher.knowledge_is_built(tiny_cfg)
-    stats = teacher.build_knowledge(tiny_cfg, shard=1, num_shards=2)
-    assert teacher.knowledge_is_built(tiny_cfg)
+    assert extract.build_knowledge(tiny_cfg, shard=0, num_shards=2) is None  # the other half missing
+    assert not extract.knowledge_is_built(tiny_cfg)
+    stats = extract.build_knowledge(tiny_cfg, shard=1, num_shards=2)
+    assert extract.knowledge_is_built(tiny_cfg)
     for key in ("proposal_recall_novel", "proposal_recall_base", "region_acc_novel",
                 "region_acc_base", "pseudo_label_acc", "timing_s", "calibration"):
         assert key in stats
     assert stats["recall_split"] == "val" and stats["calibration"]["source"] == "config"
-    assert json.loads(teacher.stats_path(tiny_cfg).read_text())["num_train_images"] == 10
+    assert json.loads(extract.stats_path(tiny_cfg).read_text())["num_train_images"] == 10
 
     # the file contract data.py reads: keys, dtypes, shapes, annotation order, unit norms
     coco = json.loads((Path(tiny_cfg.data.root) / tiny_cfg.data.train_ann).read_text())
@@ -304,7 +300,7 @@ def test_extraction_contract_resume_and_shards(tiny_cfg):
     assert k["pseudo_boxes"].dtype == torch.float32 and k["pseudo_weight"].shape == (p,)
     assert set(k["pseudo_nouns"]) <= set(BASE + NOVEL)
     assert torch.allclose(k["pseudo_img_emb"].float().norm(dim=1), torch.ones(p), atol=1e-2)
-    emb = torch.load(teacher.class_embeddings_path(tiny_cfg), weights_only=True)
+    emb = torch.load(extract.class_embeddings_path(tiny_cfg), weights_only=True)
     assert emb["class_names"] == BASE + NOVEL and emb["embeddings"].shape == (3, 32)
     # a pseudo label is exactly its class's text embedding (same function, same templates)
     row = (BASE + NOVEL).index(k["pseudo_nouns"][0])
@@ -318,7 +314,7 @@ def test_extraction_contract_resume_and_shards(tiny_cfg):
     files[0].unlink()
     files[1].write_bytes(files[1].read_bytes()[:50])
     mtimes = {f: f.stat().st_mtime_ns for f in files[2:]}
-    teacher.build_knowledge(tiny_cfg)
+    extract.build_knowledge(tiny_cfg)
     assert teacher._file_done(files[0]) and teacher._file_done(files[1])
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
     assert not list(kdir.glob(".*.tmp"))  # no temporary files left behind

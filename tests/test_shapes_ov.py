@@ -1,4 +1,4 @@
-"""Shapes-OV (world.py, shapes.py, clip_pretrain.py): determinism, COCO round trip, world limits, CLIP save/load, skip/--force.
+"""Shapes-OV (shapes_ov/world.py, shapes.py, clip_pretrain.py): determinism, COCO round trip, world limits, CLIP save/load, skip/--force.
 
 All tests build tiny worlds in tmp_path (a dozen images, a 1-layer CLIP, a few training steps).
 """
@@ -12,9 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
-import clip_pretrain  # noqa: E402
-import shapes  # noqa: E402
-import world  # noqa: E402
+from shapes_ov import clip_pretrain, shapes, world  # noqa: E402
 
 TINY_CLIP = ["clip_pretrain.embed_dim=32", "clip_pretrain.image_resolution=32",
              "clip_pretrain.vision_layers=1", "clip_pretrain.vision_width=64",

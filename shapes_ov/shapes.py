@@ -11,7 +11,7 @@
 * ``SPLITS`` seeds: every image draws from ``np.random.default_rng([world.seed, SPLITS[split],
   index])``, so a parallel render (``parallel_map``) is byte-identical to a serial one.
 
-world.py writes the dataset from these scenes; clip_pretrain.py renders its own stream of them.
+shapes_ov/world.py writes the dataset from these scenes; clip_pretrain.py renders its own stream of them.
 References: WORLD.md "The world" (shapes, ±15° rotation, one fill colour, clutter).
 Deviations
 * Objects never touch: besides box IoU <= world.max_pair_iou (WORLD.md), their pixels keep
@@ -113,7 +113,7 @@ def shape_polygons(name: str, rng: np.random.Generator) -> list[np.ndarray]:
     elif name == "crescent":
         polys = [_crescent()]
     else:
-        raise ValueError(f"unknown shape '{name}': world.py can draw circle, square, triangle, "
+        raise ValueError(f"unknown shape '{name}': shapes_ov/world.py can draw circle, square, triangle, "
                          "star, cross, diamond, hexagon, heart, arrow, plus, pentagon, semicircle, "
                          "ring, crescent, rectangle, trapezoid (data.base_classes/novel_classes)")
     if name in ("arrow", "crescent") and rng.random() < 0.5:  # point / open left or right

@@ -1,4 +1,4 @@
-"""Pre-training the Shapes-OV CLIP teacher, and its zero-shot check (world.py steps 2 and 3).
+"""Pre-training the Shapes-OV CLIP teacher, and its zero-shot check (shapes_ov/world.py steps 2 and 3).
 
 * ``render_stream(cfg)`` -> the pre-training pool, a stream of (image, caption) pairs separate
   from the dataset and covering all 16 categories: crops of single objects out of freshly rendered
@@ -11,7 +11,7 @@
   wall-clock budget (clip_pretrain.train_seconds; the cosine schedule follows elapsed time) or at
   clip_pretrain.max_steps.
 * ``save_clip(model, path)``: a plain state dict with fp16 weights like OpenAI's checkpoints, so
-  ``clip.load(path, jit=False)`` (and clip_teacher.load_clip) rebuilds it.
+  ``clip.load(path, jit=False)`` (and clip_io.load_clip) rebuilds it.
 * ``evaluate_teacher(cfg, clip_path, val_ann, val_images)``: 16-way zero-shot accuracy on crops of
   val objects (a square of ``clip_pretrain.eval_crop_scale`` x the box's longer side, centred,
   shifted into the image, resized to the input size) against ``teacher.templates``
@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
-from clip_teacher import load_clip, text_embeddings
-from shapes import SPLITS, class_names_of, make_captions, parallel_map, render_scene
+from knowledge.clip_io import load_clip, text_embeddings
+from shapes_ov.shapes import SPLITS, class_names_of, make_captions, parallel_map, render_scene
 
 with warnings.catch_warnings():  # clip-anytorch imports the deprecated pkg_resources
     warnings.simplefilter("ignore")

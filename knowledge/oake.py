@@ -18,7 +18,7 @@ Returned embeddings are float32 on CPU and L2-normalised (``encode_boxes_oake`` 
 raw vectors). With a box covering the whole crop and u = 1, the object token equals encode_image
 of the crop (same keys up to order; tests/test_teacher.py checks it to 1e-5).
 
-Measured on the Shapes-OV teacher of world.py (ViT 4 x 192, patch 8, 64 px; 1,736 val GT boxes,
+Measured on the Shapes-OV teacher of shapes_ov/world.py (ViT 4 x 192, patch 8, 64 px; 1,736 val GT boxes,
 16-way zero-shot base / novel with the config's prompt ensemble; 2 shared CPU cores):
     plain crop, longest side x 1.5             0.976 / 0.975   <- the Shapes-OV default
     plain crop, longest side x 1.25            0.932 / 0.916
@@ -57,10 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-
-
-def model_device(model) -> torch.device:
-    return model.visual.conv1.weight.device
+from knowledge.clip_io import model_device
 
 
 def context_squares(boxes, width: int, height: int, context: str, scale: float):

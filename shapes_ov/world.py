@@ -1,6 +1,6 @@
 """Shapes-OV: the synthetic open-vocabulary world in COCO layout, and pre-training its CLIP teacher.
 
-Run ``python world.py --config config.yaml [--set key=value ...] [--force]``; ``train.py`` calls
+Run ``python -m shapes_ov --config config.yaml [--set key=value ...] [--force]``; ``train.py`` calls
 ``build_world(cfg)`` when ``cfg.data.dataset == "shapes_ov"``. Every step is skipped when its
 output exists (``--force`` rebuilds all of them):
 
@@ -31,7 +31,7 @@ Determinism: every image (and every stream sample) draws from its own ``np.rando
 seeded with (world.seed, split, index), so the parallel render gives byte-identical PNGs and JSON.
 
 Measured here (2 CPU cores shared with other jobs, so times are approximate): the default
-``python world.py`` took 302 s (images 11 s, stream + eval 16 s, training 270 s = 1,835 steps
+``python -m shapes_ov`` took 302 s (images 11 s, stream + eval 16 s, training 270 s = 1,835 steps
 at 0.15 s/step) and reached 0.980 / 0.982 zero-shot base / novel (another stream seed, 1,800
 steps: 0.976 / 0.980). Accuracy follows the step count: on a loaded machine (716 steps in 280
 s) 0.874 / 0.928. Where cores are shared, OMP_WAIT_POLICY=PASSIVE matters (set below).
@@ -45,21 +45,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-# Under CPU contention (shared CI machines, several jobs on 2 cores) spinning OpenMP threads
-# made a teacher step 5-17x slower here (measured: 2.1-7.1 s vs 0.41 s with PASSIVE); the
-# setting only takes effect when world.py is the entry point, i.e. before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np  # noqa: E402
+import numpy as np
 
-import clip_pretrain  # noqa: E402  (imports torch)
-import config as config_lib  # noqa: E402
-import data  # noqa: E402
-from shapes import (SPLITS, class_names_of, make_captions, parallel_map,  # noqa: E402
-                    render_scene, shape_polygons)
+import config as config_lib
+import data
+from shapes_ov import clip_pretrain
+from shapes_ov.shapes import (SPLITS, class_names_of, make_captions, parallel_map, render_scene,
+                              shape_polygons)
 
 # ----------------------------------------------------------------------------------------------
 # Step 1: the dataset (images, COCO instances, COCO captions), rendered in parallel.
@@ -138,7 +133,7 @@ def _dataset_built(cfg) -> bool:
             info.get("base_classes") != list(cfg.data.base_classes) or \
             info.get("novel_classes") != list(cfg.data.novel_classes):
         raise ValueError(f"{paths['val_ann']} was built from a different world config (world.* "
-                           "or data.base_classes/novel_classes); run world.py with --force to "
+                           "or data.base_classes/novel_classes); run `python -m shapes_ov --force` to "
                            "rebuild it, or point data.root somewhere else")
     return True
 
@@ -219,14 +214,14 @@ def build_world(cfg, force: bool = False) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_ov", description=__doc__.split("\n")[0])
     config_lib.add_config_args(parser)
     parser.add_argument("--force", action="store_true", help="rebuild every step")
     args = parser.parse_args(argv)
     try:  # config and data problems (ValueError, ConfigError) end with their message only
         build_world(config_lib.config_from_args(args), force=args.force)
     except ValueError as e:
-        raise SystemExit(f"world.py: {e}") from None
+        raise SystemExit(f"shapes_ov: {e}") from None
 
 
 if __name__ == "__main__":

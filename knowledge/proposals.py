@@ -2,7 +2,7 @@
 
 HD-OVD reads ``coco_proposal_train_object_centric.pkl``, most likely the MAVL class-agnostic
 proposals of object-centric-ovd (top 5 after NMS 0.5). MAVL is a large text-conditioned detector;
-here a small network is trained on the base boxes instead (teacher.py calls it), and an external
+here a small network is trained on the base boxes instead (knowledge/extract.py calls it), and an external
 pickle in the MAVL format is accepted too (``load_proposal_file``).
 
 The danger of training on base boxes only: novel objects sit unannotated in the training images,

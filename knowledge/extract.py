@@ -1,6 +1,6 @@
 """The CLIP teacher: offline knowledge for HD-OVD (METHOD 1.2-1.4, 10.2).
 
-CLIP never runs inside the training loop. ``python teacher.py --config config.yaml`` (or
+CLIP never runs inside the training loop. ``python -m knowledge --config config.yaml`` (or
 ``build_knowledge(cfg)``, which train.py calls when files are missing) computes everything once:
 
 1. class-agnostic proposals (pseudo boxes): the proposal network of ``proposals.py`` trained on
@@ -27,13 +27,13 @@ the shard that finds every file present writes stats.json.
 
 The parts live in one file per concept: ``oake.py`` (box and image embeddings, METHOD 1.3),
 ``proposals.py`` (class-agnostic proposal network), ``pseudo_labels.py`` (caption nouns and the
-weight, METHOD 1.4), ``clip_teacher.py`` (loading CLIP offline, prompt-ensembled text
+weight, METHOD 1.4), ``knowledge/clip_io.py`` (loading CLIP offline, prompt-ensembled text
 embeddings). This file runs the extraction.
 
 Shapes-OV defaults, each measured (figures in oake.py, proposals.py and config.yaml): plain crops
 of 1.5x the box's longer side (region accuracy 0.976 / 0.975 base / novel, vs 0.959 / 0.828 for
 OAKE), the "iou" proposal network (recall 0.987 / 0.984), pseudo weight calibrated to
-a = 1.08, mu = 0.510, sigma = 0.069. ``python teacher.py --config config.yaml`` took 4m47s-4m52s
+a = 1.08, mu = 0.510, sigma = 0.069. ``python -m knowledge --config config.yaml`` took 4m47s-4m52s
 on 2 quiet CPU cores (1,200 proposal-network steps ~200 s, 4,000 images extracted ~50 s).
 
 Letters: R boxes, C classes, T templates, D embedding width.
@@ -46,7 +46,7 @@ Deviations:
 * The pseudo-weight constants are calibrated on this teacher, not copied from ViT-B/32.
 * Pseudo-label accuracy needs labels that train images do not have for novel objects, so
   stats.json measures it on train base objects (``pseudo_label_acc``) and on val proposals with
-  the present categories as caption nouns (``pseudo_label_acc_val_*``; world.py's captions name
+  the present categories as caption nouns (``pseudo_label_acc_val_*``; shapes_ov/world.py's captions name
   every category present).
 * Images without any caption noun take the class names as candidate nouns.
 """
@@ -63,11 +63,11 @@ from torchvision.ops import box_iou
 
 import config as config_lib
 import data
-import proposals as proposals_lib
+from knowledge import proposals as proposals_lib
 from detector import batch_images
-from clip_teacher import TeacherError, load_clip, load_templates, text_embeddings
-from oake import embed_images_and_boxes, model_device
-from pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
+from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
+from knowledge.oake import embed_images_and_boxes
+from knowledge.pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
                            pseudo_weight)
 
 
@@ -280,7 +280,7 @@ def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
         stats.update(proposal_recall_base=covered / max(total, 1), proposal_recall_novel=None)
 
     # box embeddings of val GT boxes (region accuracy) and of val proposals (pseudo labels with
-    # the categories present as the caption nouns: world.py's captions name every one of them)
+    # the categories present as the caption nouns: shapes_ov/world.py's captions name every one of them)
     gts = [_gt_boxes(val.coco, info, base_cats | novel_cats, crowd=False) for info in infos]
     boxes = [torch.cat([g[1], props.get(info["id"], torch.zeros(0, 4))])  # (n_gt + P, 4)
              for g, info in zip(gts, infos)]
@@ -430,7 +430,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Offline CLIP knowledge for HD-OVD (teacher.py)")
+    parser = argparse.ArgumentParser(prog="python -m knowledge", description=__doc__.split("\n")[0])
     config_lib.add_config_args(parser)
     parser.add_argument("--force", action="store_true", help="recompute everything")
     parser.add_argument("--shard", type=int, default=int(os.environ.get("RANK", 0)),
@@ -443,7 +443,7 @@ def main(argv=None):
         stats = build_knowledge(cfg, args.force, args.shard, args.num_shards)
     except (TeacherError, data.DataError, config_lib.ConfigError, FileNotFoundError,
             ValueError) as e:
-        raise SystemExit(f"teacher.py: error: {e}")
+        raise SystemExit(f"knowledge: error: {e}")
     if stats is not None:
         print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}, indent=1))
 
