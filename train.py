@@ -9,12 +9,13 @@ Commands
     torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # 4 GPUs, NCCL
     torchrun --standalone --nproc_per_node=2 train.py --config config.yaml --set run.device=cpu
                                                       # 2 CPU processes, gloo
+    python train.py --config config.yaml --print-config   # every config key, resolved; then exit
 Any config works the same way (OV-COCO: the paper settings in configs/).
 
 Order (nanoGPT's, STYLE §4.6): config → torchrun env → DDP init (gloo on CPU, NCCL on CUDA) →
-seed + rank → missing preparation steps on rank 0 (shapes_ov/world.py for Shapes-OV, knowledge/extract.py knowledge),
-the other ranks wait at a barrier → data → model → optimizer + schedule → resume → loop →
-final evaluation + checkpoint.
+seed + rank → missing preparation steps on rank 0 (``python -m shapes_ov`` for Shapes-OV, then
+``python -m knowledge``), the other ranks wait at a barrier → data → model → optimizer + schedule
+→ resume → loop → final evaluation + checkpoint.
 
 Contract
 --------
@@ -35,8 +36,8 @@ Contract
   ``log_every``, ``eval_every``, ``ckpt_every``, ``resume``) may differ from the checkpoint's
   config; anything else is an error listing the keys.
 * The model API used (hdovd.py): ``build_hdovd(cfg)``, ``model(images, targets)`` → dict of
-  unweighted scalars ``loss_*`` (summed with ``loss_weights(cfg)``) and ``stat_*`` (logged only),
-  optional ``param_groups(model, cfg)``; evaluation goes through ``evaluate.evaluate_model``.
+  unweighted scalars ``loss_*`` (summed with ``loss_weights(cfg)``) and ``stat_*`` (logged only);
+  evaluation goes through ``evaluate.evaluate_model``.
 * The learning rate (``train.lr``) is for the global batch ``batch_size × world_size``; when you
   change either, scale it linearly (Goyal et al. 2017, the rule the official configs follow).
 
@@ -56,6 +57,7 @@ Deviations
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -67,6 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -103,20 +106,26 @@ def lr_factor(step: int, train_cfg: config.TrainConfig) -> float:
     return decay
 
 
+def amp_setting(train_cfg: config.TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(autocast on?, dtype). CUDA: bf16 or fp16. CPU: bf16 only (fp16 autocast on CPU is slow;
+    bf16 ran 1.5x faster than fp32 per step on 2 cores with avx512_bf16, LOG.md)."""
+    if train_cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise config.ConfigError(f"train.amp_dtype={train_cfg.amp_dtype!r}: use bfloat16 or float16")
+    dtype = getattr(torch, train_cfg.amp_dtype)
+    return train_cfg.amp and (device.type == "cuda" or dtype == torch.bfloat16), dtype
+
+
 def build_optimizer(model: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
-    """AdamW or SGD+momentum over ``hdovd.param_groups`` (when the model defines them) or over
-    all trainable parameters (optionally without decay on 1-D norms/biases)."""
+    """AdamW or SGD+momentum over all trainable parameters (optionally without decay on 1-D
+    norms/biases, the official Swin-B setting)."""
     t = cfg.train
-    if hasattr(hdovd, "param_groups"):  # the method may want its own groups (e.g. lr multipliers)
-        groups = hdovd.param_groups(model, cfg)
-    else:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (no_decay if t.no_decay_norm_bias and p.ndim < 2 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": t.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if t.no_decay_norm_bias and p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
@@ -150,9 +159,43 @@ def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
             "or --set train.resume=false to start this one over.")
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save, atomically (data.write_atomic): a crash never leaves a half-written ckpt."""
+def save_checkpoint(path: Path, raw_model, optimizer, scheduler, scaler, step: int,
+                    world_size: int, cfg: config.Config, metrics: dict | None, rng: list) -> None:
+    """The checkpoint of the contract above, written atomically (data.write_atomic): a crash
+    never leaves a half-written ckpt.pth."""
+    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "step": step, "world_size": world_size, "config": config.config_to_dict(cfg),
+             "metrics": metrics, "rng": rng}
     data.write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, scheduler, scaler,
+                    rank: int, world_size: int) -> tuple[int, dict | None]:
+    """Restore everything needed for the next step to be the one an uninterrupted run takes;
+    returns (step, metrics of the last evaluation or None)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    check_resume_config(ckpt["config"], config.config_to_dict(cfg), path)
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank])
+    elif rank == 0:
+        print(f"train.py: checkpoint was written by {len(ckpt['rng'])} processes, now "
+              f"{world_size}: data order and random streams will not continue exactly")
+    if rank == 0:
+        print(f"train.py: resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("metrics")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -168,6 +211,88 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states(ddp: bool, world_size: int) -> list[dict]:
+    """Every rank's random states, gathered (a collective: all ranks must call it)."""
+    if not ddp:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+class RunLog:
+    """The run directory's ``config.yaml`` and ``log.jsonl`` (rank 0 only; on other ranks a
+    RunLog writes nothing).
+
+    ``add(step, epoch, lr, values)`` collects one step's values; every ``log_every`` steps (and at
+    ``max_steps``) their window averages go out as one train line (and the tqdm bar moves), with ms per step measured
+    over the window minus ``pause()``d time (evaluation, checkpoints). ``write(record)`` writes any
+    other line (evaluations). Opened at a resumed ``step``, the lines a dead run logged after its last checkpoint
+    (steps that will now be redone) are dropped first.
+    """
+
+    def __init__(self, run_dir: Path, step: int, master: bool, cfg: config.Config, world_size: int):
+        self.file = None
+        self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
+        self.images_per_step = cfg.train.batch_size * world_size
+        self.window, self.t0 = defaultdict(list), time.time()
+        self.bar = tqdm(total=self.max_steps, initial=step, disable=not master, desc="train",
+                        dynamic_ncols=True)
+        if not master:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump_config(cfg, run_dir / "config.yaml")  # the resolved config, beside the log
+        path = run_dir / "log.jsonl"
+        if step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            data.write_atomic(path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
+        self.file = open(path, "a" if step > 0 else "w")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def add(self, step: int, epoch: int, lr: float, values: dict, extra: dict | None = None) -> None:
+        for k, v in values.items():
+            self.window[k].append(v)
+        self.bar.update(1)
+        self.bar.set_postfix(total=f"{values['total']:.3f}", lr=f"{lr:.2e}")
+        if step % self.log_every and step != self.max_steps:
+            return
+        dt = (time.time() - self.t0) / len(self.window["total"])
+        record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr}
+        record.update({k: sum(v) / len(v) for k, v in sorted(self.window.items())})
+        record.update({"ms_per_step": 1000 * dt, "images_per_s": self.images_per_step / dt,
+                       "eta_s": dt * (self.max_steps - step)}, **(extra or {}))
+        self.write(record)
+        self.window, self.t0 = defaultdict(list), time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) does not count as step time."""
+        start = time.time()
+        yield
+        self.t0 += time.time() - start
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: RunLog) -> dict:
+    """evaluate.py's metrics of ``model`` at ``step`` (sharded over ranks), logged on rank 0."""
+    m, _ = evaluate.evaluate_model(model, val_set, device, cfg.eval.batch_size,
+                                   num_workers=cfg.data.num_workers, max_images=cfg.eval.max_images)
+    m = {"step": step, **m}
+    log.write({"kind": "eval", **m})
+    if log.file is not None:
+        tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
+    return m
 
 
 def to_device(obj, device):
@@ -226,150 +351,89 @@ def batches(dataset, cfg: config.Config, rank: int, world_size: int, start_step:
 # main: reads straight through.
 # ----------------------------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
-    parser = config.add_config_args(argparse.ArgumentParser(prog="train.py",
-                                                            description="Train HD-OVD."))
-    cfg = config.config_from_args(parser.parse_args(argv))
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key, with its resolved value: python train.py --config config.yaml "
+               "--print-config (config.py documents each key and its source).")
+    config.add_config_args(parser)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config tree (defaults + file + --set) and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    cfg = config.config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(config.config_to_dict(cfg), sort_keys=False), end="")
+        return None
 
     # --- torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
     ddp = int(os.environ.get("RANK", -1)) != -1
     device = config.resolve_device(cfg.run.device)
     if ddp:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     else:
         rank, world_size = 0, 1
     master = rank == 0  # logs, writes files, checkpoints
-    random.seed(cfg.run.seed + rank)
-    np.random.seed(cfg.run.seed + rank)
-    torch.manual_seed(cfg.run.seed + rank)
+    seed_everything(cfg.run.seed + rank)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_path = run_dir / "ckpt.pth"
 
-    # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `python -m knowledge` first
-    # (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
+    # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `python -m knowledge`
+    # first (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
     if master:
         prepare(cfg)
     if ddp:
         dist.barrier()
 
-    # --- Data: training split with knowledge, val split for evaluation.
+    # --- Data, model (DDP-wrapped), optimizer, schedule, AMP.
     train_set = data.build_dataset(cfg, "train", knowledge=True)
     val_set = data.build_dataset(cfg, "val", knowledge=False)
-
-    # --- Model, optimizer, schedule, AMP.
-    raw_model = hdovd.build_hdovd(cfg).to(device)
-    model = raw_model
+    raw_model = model = hdovd.build_hdovd(cfg).to(device)
     if ddp:
-        # find_unused_parameters: hierarchies can be switched off and a batch without pseudo
-        # boxes leaves some heads without gradient. broadcast_buffers=False (as mmdet's
-        # train_detector): each rank keeps its own H1/H3 queues instead of rank 0's copy.
+        # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
+        # heads without gradient. broadcast_buffers=False (mmdet): each rank keeps its own queues.
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=True, broadcast_buffers=False)
     weights = hdovd.loss_weights(cfg)
     optimizer = build_optimizer(raw_model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
-    if cfg.train.amp_dtype not in ("bfloat16", "float16"):
-        raise config.ConfigError(f"train.amp_dtype={cfg.train.amp_dtype!r}: use bfloat16 or float16")
-    amp_dtype = getattr(torch, cfg.train.amp_dtype)
-    # CUDA: bf16 or fp16. CPU: bf16 only (fp16 autocast on CPU is slow); on 2 cores with avx512_bf16
-    # a step ran 1.5x faster than fp32 (measured side by side, bench in the closing note of issue 5).
-    use_amp = cfg.train.amp and (device.type == "cuda" or amp_dtype == torch.bfloat16)
-    # Loss scaling only matters for float16; a disabled scaler passes calls straight through.
+    use_amp, amp_dtype = amp_setting(cfg.train, device)
+    # Loss scaling only matters for float16; a disabled GradScaler passes every call through.
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    # --- Resume: everything needed for the next step to be the one an uninterrupted run takes.
+    # --- Resume: model, optimizer, schedule, scaler, step, RNG (the data order follows the step).
     step, metrics = 0, None
     if cfg.train.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
-        check_resume_config(ckpt["config"], config.config_to_dict(cfg), ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, metrics = ckpt["step"], ckpt.get("metrics")
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank])
-        elif master:
-            print(f"train.py: checkpoint was written by {len(ckpt['rng'])} processes, now "
-                  f"{world_size}: data order and random streams will not continue exactly")
-        if master:
-            print(f"train.py: resumed from {ckpt_path} at step {step}")
-        del ckpt
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump_config(cfg, run_dir / "config.yaml")
-        print((run_dir / "config.yaml").read_text())
+        step, metrics = load_checkpoint(ckpt_path, cfg, raw_model, optimizer, scheduler, scaler,
+                                        rank, world_size)
     if step >= cfg.train.max_steps and metrics is not None and metrics.get("step") == step:
         if master:
             print(f"train.py: {ckpt_path} is already trained to step {step} and evaluated")
-            print(evaluate.format_table(metrics, cfg.data.base_classes, cfg.data.novel_classes))
         if ddp:
             dist.destroy_process_group()
         return metrics
+    log = RunLog(run_dir, step, master, cfg, world_size)
+    save = lambda at_step, rng, m: master and save_checkpoint(  # noqa: E731
+        ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, rng)
 
-    log_path = run_dir / "log.jsonl"
-    if master and step > 0 and log_path.is_file():
-        # A run that died after its last checkpoint logged steps that will now be redone.
-        kept = [line for line in log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log_file = open(log_path, "a" if step > 0 else "w") if master else None
-
-    def log(record: dict):
-        if master:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def run_eval(at_step: int) -> dict:
-        m, _ = evaluate.evaluate_model(model, val_set, device, cfg.eval.batch_size,
-                                       num_workers=cfg.data.num_workers,
-                                       max_images=cfg.eval.max_images)
-        m = {"step": at_step, **m}
-        log({"kind": "eval", **m})
-        if master:
-            tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
-        return m
-
-    def checkpoint(at_step: int, rng: list, m: dict | None):
-        if master:
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "step": at_step, "world_size": world_size,
-                             "config": config.config_to_dict(cfg), "metrics": m, "rng": rng},
-                            ckpt_path)
-
-    def all_rng() -> list:
-        if not ddp:
-            return [rng_state()]
-        states = [None] * world_size
-        dist.all_gather_object(states, rng_state())
-        return states
-
-    # --- The loop.
+    # --- The loop: batch → forward → weighted sum → non-finite stop → backward → clip → step.
     data_iter = batches(train_set, cfg, rank, world_size, step, pin=device.type == "cuda")
-    images_per_step = cfg.train.batch_size * world_size
-    window, counts = defaultdict(float), defaultdict(int)  # log window sums, per key
-    t_window, steps_in_window = time.time(), 0
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not master, desc="train",
-               dynamic_ncols=True)
     model.train()
     while step < cfg.train.max_steps:
         epoch, images, targets = next(data_iter)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = to_device(targets, device)
+        images, targets = to_device((images, targets), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             outputs = model(images, targets)
         losses = {k: v.float() for k, v in outputs.items() if k.startswith("loss_")}
-        missing = sorted(set(losses) - set(weights))
-        if missing:
-            raise KeyError(f"hdovd.loss_weights(cfg) gives no weight for {missing}")
+        if set(losses) - set(weights):  # a new loss term needs its config weight
+            raise KeyError(f"no loss weight in cfg.loss for {sorted(set(losses) - set(weights))}")
         total = sum(weights[k] * v for k, v in losses.items())
 
         # A non-finite loss on any rank stops every rank (a lone exit would hang the others in
@@ -378,9 +442,8 @@ def main(argv=None) -> dict:
         if ddp:
             dist.all_reduce(bad)
         if bad.item() > 0:
-            values = {k: v.item() for k, v in outputs.items()}
-            print(f"[rank {rank}] step {step + 1}: total={total.item()} losses={values}",
-                  file=sys.stderr)
+            print(f"[rank {rank}] step {step + 1}: total={total.item()} "
+                  f"losses={ {k: v.item() for k, v in outputs.items()} }", file=sys.stderr)
             if ddp:
                 dist.destroy_process_group()
             sys.exit(f"train.py: non-finite loss in step {step + 1} (loss dict above); the last "
@@ -389,62 +452,36 @@ def main(argv=None) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        grad_norm = None
+        values = {k: v.item() for k, v in outputs.items()}  # loss_* and stat_*, unscaled
         if cfg.train.clip_grad_norm > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                       cfg.train.clip_grad_norm)
+            values["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.train.clip_grad_norm).item()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         step += 1
 
-        # --- Logging: sums over the window, written every log_every steps (rank 0's values).
-        values = {k: v.item() for k, v in outputs.items()}  # loss_* and stat_*
-        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses})
-        values["total"] = total.item()
-        if grad_norm is not None:
-            values["grad_norm"] = grad_norm.item()
-        for k, v in values.items():
-            window[k] += v
-            counts[k] += 1
-        steps_in_window += 1
+        # --- Logging (rank 0's values), evaluation and checkpoints; their time is not step time.
+        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses}, total=total.item())
         lr = scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(total=f"{values['total']:.3f}", lr=f"{lr:.2e}")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            dt = (time.time() - t_window) / steps_in_window
-            record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr,
-                      "total": window.pop("total") / counts["total"]}
-            record.update({k: window[k] / counts[k] for k in sorted(window)})
-            record.update({"ms_per_step": 1000 * dt, "images_per_s": images_per_step / dt,
-                           "eta_s": dt * (cfg.train.max_steps - step)})
-            if device.type == "cuda":
-                record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            log(record)
-            window.clear()
-            counts.clear()
-            t_window, steps_in_window = time.time(), 0
+        log.add(step, epoch, lr, values, {"max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+                if device.type == "cuda" else None)
+        with log.paused():
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                metrics = run_evaluation(model, val_set, device, cfg, step, log)
+            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
+                save(step, all_rng_states(ddp, world_size), metrics)
 
-        t_pause = time.time()  # evaluation and checkpoint time is not step time
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            metrics = run_eval(step)
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
-            checkpoint(step, all_rng(), metrics)
-        t_window += time.time() - t_pause
-    bar.close()
-
-    # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate and
-    # store the metrics. The RNG states are those right after the last step, so that a resumed
-    # longer run continues exactly like an uninterrupted one (evaluation draws random numbers).
-    rng = all_rng()
-    checkpoint(step, rng, metrics)
-    metrics = run_eval(step)
-    checkpoint(step, rng, metrics)
+    # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate. RNG states
+    # are taken before the evaluation draws any, so a longer resumed run continues exactly.
+    rng = all_rng_states(ddp, world_size)
+    save(step, rng, metrics)
+    metrics = run_evaluation(model, val_set, device, cfg, step, log)
+    save(step, rng, metrics)
+    log.close()
     if master:
         evaluate.write_metrics(metrics, run_dir / "metrics.json")
-        print(f"train.py: wrote {run_dir / 'metrics.json'} and {ckpt_path}")
-        log_file.close()
     if ddp:
         dist.destroy_process_group()
     return metrics
