@@ -7,9 +7,11 @@ variant); official files `configs/myovd/ov_coco/myfasterrcnn_r50_1x_coco.py`,
 
 Contract
 --------
-``FasterRCNNOV.forward(images, rpn_targets=None, roi_targets=None) -> outputs dict``
+``FasterRCNNOV.forward(images, rpn_targets, roi_targets) -> outputs dict`` (training) and
+``FasterRCNNOV.predict(images) -> outputs dict`` (inference): two named methods instead of
+torchvision's train/eval switch of the output type.
 * ``images``: list of B float tensors [3, H_i, W_i], already resized and normalised by data.py.
-* training (``self.training``): ``rpn_targets`` is a list of B dicts {"boxes": [T_i, 4]} (GT base boxes
+* ``forward``: ``rpn_targets`` is a list of B dicts {"boxes": [T_i, 4]} (GT base boxes
   ∪ pseudo boxes, class-agnostic); ``roi_targets`` a list of B dicts with
   ``boxes`` [T_i, 4] xyxy, ``labels`` [T_i] (class index into the training class list),
   ``cls_weight`` [T_i] (1 for GT, w_p for pseudo boxes, 0 = never a classification target),
@@ -20,9 +22,9 @@ Contract
   (class index, -1 = background), ``roi_cls_weight`` [R], ``roi_reg_targets`` [R, 4],
   ``roi_regress`` [R] bool, ``roi_target_index`` [R] (index into the batch-concatenated targets,
   -1 = background), ``num_targets`` (int), plus ``image_emb`` [B, D] (H3 student, raw).
-* eval: ``proposals`` list of [N_i, 4], ``roi_text_emb`` / ``roi_vis_emb`` / ``roi_deltas`` for the
-  concatenated proposals, ``boxes`` list of [N_i, 4] decoded class-agnostic boxes clipped to the image,
-  ``image_sizes`` list of (h, w).
+* ``predict``: ``proposals`` list of [N_i, 4]; ``roi_text_emb`` / ``roi_vis_emb`` /
+  ``roi_deltas`` for the concatenated proposals; ``boxes`` list of [N_i, 4] decoded class-agnostic
+  boxes clipped to the image; ``image_emb`` [B, D]; ``image_sizes`` list of (h, w).
 All boxes are xyxy absolute pixels of the resized image. Embeddings are returned raw (not
 normalised); the classifier and the distillation losses normalise them.
 
@@ -257,29 +259,36 @@ class FasterRCNNOV(nn.Module):
             offset += len(tboxes)
         return boxes_out, {f"roi_{k}": torch.cat(v) for k, v in fields.items()}, offset
 
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, images: list[torch.Tensor], rpn_targets: list[dict] | None = None,
-                roi_targets: list[dict] | None = None) -> dict:
+    # -- forward (training) and predict (inference): two methods, no mode switch ---------------
+    def forward(self, images: list[torch.Tensor], rpn_targets: list[dict],
+                roi_targets: list[dict]) -> dict:
+        """Training outputs (see the module Contract): RPN losses + the sampled RoIs' fields."""
         batch, features = self.extract_features(images)
         sizes = batch.image_sizes
-        out = {"image_emb": self.image_head(features, sizes), "image_sizes": sizes}
-        if self.training:
-            proposals, rpn_losses = self.rpn(batch, features, rpn_targets)
-            out["loss_rpn_objectness"] = rpn_losses["loss_objectness"]
-            out["loss_rpn_box"] = rpn_losses["loss_rpn_box_reg"]
-            boxes, fields, num_targets = self.sample_rois([p.detach() for p in proposals], roi_targets)
-            out.update(fields)
-            out["num_targets"] = num_targets
-        else:
-            boxes, _ = self.rpn(batch, features)
-            out["proposals"] = boxes
+        proposals, rpn_losses = self.rpn(batch, features, rpn_targets)
+        boxes, fields, num_targets = self.sample_rois([p.detach() for p in proposals], roi_targets)
         text_emb, vis_emb, deltas = self.embed_rois(features, boxes, sizes)
-        out.update(roi_text_emb=text_emb, roi_vis_emb=vis_emb, roi_deltas=deltas)
-        if not self.training:
-            decoded = self.box_coder.decode_single(deltas, torch.cat(boxes))  # (R, 4)
-            per_image = decoded.split([len(b) for b in boxes])
-            out["boxes"] = [box_ops.clip_boxes_to_image(b, s) for b, s in zip(per_image, sizes)]
-        return out
+        return {"loss_rpn_objectness": rpn_losses["loss_objectness"],
+                "loss_rpn_box": rpn_losses["loss_rpn_box_reg"], **fields, "num_targets": num_targets,
+                "roi_text_emb": text_emb, "roi_vis_emb": vis_emb, "roi_deltas": deltas,
+                "image_emb": self.image_head(features, sizes), "image_sizes": sizes}
+
+    def predict(self, images: list[torch.Tensor]) -> dict:
+        """Inference outputs (see the module Contract): proposals, their embeddings, decoded boxes.
+
+        torchvision's RPN keeps its train/test top-n switch on ``self.training``; call this under
+        ``model.eval()``.
+        """
+        batch, features = self.extract_features(images)
+        sizes = batch.image_sizes
+        proposals, _ = self.rpn(batch, features)
+        text_emb, vis_emb, deltas = self.embed_rois(features, proposals, sizes)
+        decoded = self.box_coder.decode_single(deltas, torch.cat(proposals))  # (R, 4)
+        per_image = decoded.split([len(b) for b in proposals])
+        return {"proposals": proposals, "roi_text_emb": text_emb, "roi_vis_emb": vis_emb,
+                "roi_deltas": deltas, "image_emb": self.image_head(features, sizes),
+                "image_sizes": sizes,
+                "boxes": [box_ops.clip_boxes_to_image(b, s) for b, s in zip(per_image, sizes)]}
 
 
 def build_faster_rcnn(cfg, embed_dim: int) -> FasterRCNNOV:

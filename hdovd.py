@@ -4,10 +4,12 @@ References: METHOD.md §1 (overview), §3.2 (novel-class-aware classification), 
 weights), §7 (Faster R-CNN variant and its inference ensemble); official
 `mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`.
 
-Contract (DETR's three-way split)
----------------------------------
+Contract: model → named losses (training), model.detect → detections (inference)
+-------------------------------------------------------------------------------
+Unlike DETR's model / criterion split, ``forward`` returns the losses: the targets decide which
+RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot exist without them.
 * ``build_hdovd(cfg, class_embeddings=None) -> HDOVD``. ``class_embeddings`` [C_all, D] are the
-  prompt-ensembled CLIP text embeddings of ``cfg.data.base_classes + cfg.data.novel_classes``
+  prompt-ensembled CLIP text embeddings of ``config.class_names(cfg)`` (base, then novel)
   (default: read from ``<data.root>/<data.knowledge_dir>/class_embeddings.pt``, written by
   knowledge/extract.py). They are a buffer, so a checkpoint is self-contained.
 * ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, remove_small_boxes
 
+import config
 import detector as detector_lib
 from distill import (ImageDistiller, InstanceDistiller, TextSpaceDistiller,
                      weighted_classification_loss)
@@ -117,8 +120,10 @@ class HDOVD(nn.Module):
         text = torch.cat([base_text] + pseudo_texts) if self.class_wise else base_text
         logits = self.classifier(out["roi_text_emb"], text)  # (R, C' + 1)
         labels, weights = out["roi_labels"].clone(), out["roi_cls_weight"]
-        labels[labels < 0] = len(text)  # background column
-        labels[labels > len(text)] = len(text)  # pseudo labels when H2 is off carry weight 0
+        bg = len(text)  # the background column of the logits
+        # Background RoIs (-1) go to it; so do pseudo-box RoIs when H2 is off (labels >= number
+        # of base texts): they carry weight 0, i.e. they are ignored, not trained as background.
+        labels[(labels < 0) | (labels >= bg)] = bg
         losses["loss_cls"] = weighted_classification_loss(logits, labels, weights)
 
         # Class-agnostic box regression on base GT positives (+ pseudo ones if configured); L1, mean over sampled RoIs (§7)
@@ -168,7 +173,7 @@ class HDOVD(nn.Module):
         text = self.class_embeddings if text_embeddings is None else text_embeddings
         text = F.normalize(text.to(self.class_embeddings), dim=-1)
         nb = self.num_base_classes if num_base_classes is None else num_base_classes
-        out = self.detector(images)
+        out = self.detector.predict(images)
         probs = self.class_probabilities(out["roi_text_emb"], out["roi_vis_emb"], text, nb)  # (R, C)
         per_image = probs.split([len(b) for b in out["boxes"]])
         return [self.postprocess(b, p) for b, p in zip(out["boxes"], per_image)]
@@ -213,7 +218,7 @@ def load_class_embeddings(cfg) -> torch.Tensor:
         raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
                                 f"`python -m knowledge --config <your config>`")
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    names = config.class_names(cfg)
     if list(saved["class_names"]) != names:
         raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "
                          f"re-run `python -m knowledge --config <your config>`")
@@ -242,5 +247,5 @@ def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
     detector_lib.init_zero_logit(det.box_head.fc_cls,
                                  torch.cat([class_embeddings, classifier.bg_embedding[None]]))
     return HDOVD(det, classifier, class_embeddings, nb, instance, image, text_space, d.class_wise,
-                 cfg.model.max_pseudo_boxes, cfg.model.pseudo_min_side, inference,
+                 cfg.model.max_pseudo_boxes, cfg.model.pseudo_min_side_px, inference,
                  cfg.model.pseudo_box_regression)
