@@ -14,8 +14,8 @@ RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot ex
   knowledge/extract.py). They are a buffer, so a checkpoint is self-contained.
 * ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
   numbers for logging only). ``images``: list of [3, H, W] normalised tensors; ``targets``: data.py
-  dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge`` with ``gt_emb``,
-  ``image_emb``, ``pseudo_boxes``, ``pseudo_img_emb``, ``pseudo_txt_emb``, ``pseudo_weight``).
+  dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge``: the per-image
+  CLIP knowledge, keys and shapes in data.py's docstring).
   ``loss_weights(cfg)`` gives the weights; the training loop sums ``w[k] * losses[k]``.
 * ``model.detect(images, text_embeddings=None, num_base_classes=None) -> list[dict]`` with
   ``boxes`` [N, 4] xyxy in the input (resized) frame, ``scores`` [N], ``labels`` [N] in 0..C-1,

@@ -1,4 +1,4 @@
-"""The CLIP teacher: offline knowledge for HD-OVD (METHOD 1.2-1.4, 10.2).
+"""The offline extraction: everything the CLIP teacher says, computed once (METHOD 1.2-1.4, 10.2).
 
 CLIP never runs inside the training loop. ``python -m knowledge --config config.yaml`` (or
 ``build_knowledge(cfg)``, which train.py calls when files are missing) computes everything once:
@@ -10,11 +10,8 @@ CLIP never runs inside the training loop. ``python -m knowledge --config config.
    L2-normalised by ``text_embeddings`` (the same function embeds caption nouns, so a pseudo "ring"
    label and the test-time "ring" class are the same vector);
 3. ``calibration.json``: the constants of the pseudo-label weight w = a*sigmoid((cos - mu)/sigma);
-4. one file per train image, ``<knowledge_dir>/<image file stem>.pt`` (the contract is in data.py's
-   docstring): image_emb (D,) fp16; gt_ann_ids (n,) int64 and gt_emb (n, D) fp16 for every
-   annotation of the image in the TRAIN file, in file order; pseudo_boxes (P, 4) float32 xyxy
-   ORIGINAL pixels (P <= teacher.num_pseudo_boxes); pseudo_img_emb, pseudo_txt_emb (P, D) fp16;
-   pseudo_weight (P,) float32; pseudo_nouns list[str]. Embeddings are L2-normalised;
+4. one file per train image, ``<knowledge_dir>/<image file stem>.pt``: the knowledge FILE
+   contract, stated once in data.py's docstring (where it is read);
 5. ``stats.json``: ``proposal_recall_base/novel`` (share of the objects of that split covered by
    a kept proposal at IoU >= 0.5, on val where every object is labelled: ``recall_split``),
    ``region_acc_base/novel`` (zero-shot accuracy of val GT box embeddings over all classes),
@@ -30,11 +27,7 @@ The parts live in one file per concept: ``oake.py`` (box and image embeddings, M
 weight, METHOD 1.4), ``knowledge/clip_io.py`` (loading CLIP offline, prompt-ensembled text
 embeddings). This file runs the extraction.
 
-Shapes-OV defaults, each measured (figures in oake.py, proposals.py and config.yaml): plain crops
-of 1.5x the box's longer side (region accuracy 0.976 / 0.975 base / novel, vs 0.959 / 0.828 for
-OAKE), the "iou" proposal network (recall 0.987 / 0.984), pseudo weight calibrated to
-a = 1.08, mu = 0.510, sigma = 0.069. ``python -m knowledge --config config.yaml`` took 4m47s-4m52s
-on 2 quiet CPU cores (1,200 proposal-network steps ~200 s, 4,000 images extracted ~50 s).
+The Shapes-OV settings and their measurements: LOG.md (2026-11-30, "moved from extract.py").
 
 Letters: R boxes, C classes, T templates, D embedding width.
 
@@ -110,7 +103,7 @@ def _split_dataset(cfg, split: str, transforms=None):
     """OVDetectionDataset over every image of the split (no skipping), for reading boxes/images."""
     d = cfg.data
     image_dir, ann = data.split_paths(cfg, split)
-    return data.OVDetectionDataset(image_dir, ann, d.base_classes + d.novel_classes,
+    return data.OVDetectionDataset(image_dir, ann, config_lib.class_names(cfg),
                                    len(d.base_classes), transforms, train=False)
 
 
@@ -158,7 +151,7 @@ def _calibration(cfg, model, preprocess, train, nouns, bank, log) -> dict:
     if any(v is not None for v in given):
         raise TeacherError("set all three of teacher.weight_a/weight_mu/weight_sigma, or none "
                            "(null = calibrated)")
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    names = config_lib.class_names(cfg)
     cat_name = {c: names[l] for c, l in train.cat_id_to_label.items()}
     base_cats = {train.label_to_cat_id[l] for l in range(len(cfg.data.base_classes))}
     # the first N images in file order: every shard computes the same constants
@@ -219,7 +212,7 @@ def run_proposals(net, cfg, split: str, indices, device) -> dict:
         padded = batch_images(images)
         batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)
-        min_side = [t.pseudo_min_side * r[0].item() for r in ratios]  # original px -> resized px
+        min_side = [t.pseudo_min_side_orig_px * r[0].item() for r in ratios]  # original px -> resized px
         kept = proposals_lib.propose(net, batch.to(device), sizes, t.num_pseudo_boxes, t.pseudo_nms_iou,
                                      min_side, t.proposals.pre_nms_top_n, t.proposals.amp,
                                      t.pseudo_score_thresh)
@@ -231,7 +224,7 @@ def run_proposals(net, cfg, split: str, indices, device) -> dict:
 def _pseudo_label_accuracy(cfg, train, kdir: Path) -> dict:
     """From the written files: pseudo boxes at IoU >= 0.5 with a train (base) GT box whose noun is
     that box's category name. Train has no novel labels, so this measures base objects only."""
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    names = config_lib.class_names(cfg)
     cat_name = {c: names[l] for c, l in train.cat_id_to_label.items()}
     matched = correct = total = 0
     weights_ok, weights_bad = [], []
@@ -274,7 +267,7 @@ def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
         stats["recall_split"] = "train (external proposals file; novel objects unlabelled there)"
         t = cfg.teacher
         ext = proposals_lib.load_proposal_file(t.proposals_file, train.coco, t.num_pseudo_boxes,
-                                               t.pseudo_nms_iou, t.pseudo_min_side,
+                                               t.pseudo_nms_iou, t.pseudo_min_side_orig_px,
                                                t.pseudo_score_thresh)
         covered, total = proposals_lib.recall(ext, train.coco, set(train.label_to_cat_id[:nb]))
         stats.update(proposal_recall_base=covered / max(total, 1), proposal_recall_novel=None)
@@ -345,7 +338,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     device = config_lib.resolve_device(cfg.run.device)
     model, preprocess = load_clip(t.clip_model, device, t.clip_dir)
     templates = load_templates(cfg)
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    names = config_lib.class_names(cfg)
     class_emb = text_embeddings(model, names, templates)
     if shard == 0:
         _save_atomic({"class_names": names, "embeddings": class_emb,
@@ -362,7 +355,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     net, net_info = None, {}
     if t.proposals_file:
         ext = proposals_lib.load_proposal_file(t.proposals_file, train.coco, t.num_pseudo_boxes,
-                                               t.pseudo_nms_iou, t.pseudo_min_side,
+                                               t.pseudo_nms_iou, t.pseudo_min_side_orig_px,
                                                t.pseudo_score_thresh)
         props = {i: ext[train.ids[i]] for i in pending}
     else:

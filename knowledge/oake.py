@@ -16,19 +16,10 @@ For a box (xyxy pixels of an image):
    "globals"; METHOD 1.3 item 5).
 Returned embeddings are float32 on CPU and L2-normalised (``encode_boxes_oake`` itself returns
 raw vectors). With a box covering the whole crop and u = 1, the object token equals encode_image
-of the crop (same keys up to order; tests/test_teacher.py checks it to 1e-5).
+of the crop (same keys up to order; tests/test_knowledge.py checks it to 1e-5).
 
-Measured on the Shapes-OV teacher of shapes_ov/world.py (ViT 4 x 192, patch 8, 64 px; 1,736 val GT boxes,
-16-way zero-shot base / novel with the config's prompt ensemble; 2 shared CPU cores):
-    plain crop, longest side x 1.5             0.976 / 0.975   <- the Shapes-OV default
-    plain crop, longest side x 1.25            0.932 / 0.916
-    OAKE, longest side x 1.5, no upsampling    0.959 / 0.828   (bf16 autocast: identical)
-    OAKE, longest side x 1.5, 2x upsampling    0.992 / 0.932   (~4x the cost per box)
-    OAKE, longest side x 1.25 / 1.75 / 2.0     0.934 / 0.835, 0.907 / 0.790, 0.791 / 0.679
-    OAKE, OADP's sqrt(8 w h), no upsampling    0.549 / 0.496
-The teacher was pre-trained on crops of about 1.5x the box, so that crop embeds novel shapes
-best; OADP's large context suits a 224 px ViT-B/32, not a 64 px model. bf16 autocast costs
-nothing in accuracy and cuts the CPU time per box ~2.7x (OAKE, 1 thread: 4.4 -> 1.6 ms).
+Why the Shapes-OV default is a plain crop of 1.5x the box's longer side, not OAKE: the accuracy
+table in LOG.md (2026-11-30, "moved from oake.py").
 
 ``embed_images_and_boxes`` batches this over many images: a DataLoader prepares each image's crops
 and masks in worker processes, and the boxes of ``teacher.image_batch_size`` images share forwards

@@ -18,16 +18,8 @@ has a background class except the baseline:
   stage (an IoU-regressing box head): with centerness alone, anchors much smaller than an object
   but centred in it (never trained) score high, and their part-of-an-object boxes filled the top 5.
 * ``"rpn"``: torchvision's RPN loss (positives IoU >= 0.7 vs sampled negatives IoU < 0.3, BCE).
-Recall at IoU 0.5 of the kept proposals (top 5 after NMS 0.3, sides > 5 px, no score threshold)
-on Shapes-OV val, 300 steps of 16 images, ResNet [1, 1, 1, 1] blocks, base / novel:
-    rpn   0.977 / 0.767   (top 100: 0.985 / 0.837: novel shapes were learned as background)
-    oln   0.912 / 0.719   (top 100: 1.000 / 0.982; NMS 0.5: 0.877 / 0.701. 40% of the top-5 slots
-                           held boxes covering no object, 2/3 of them object fragments)
-    iou   0.988 / 0.943   (top 100: 1.000 / 0.957)  <- default
-Recall at IoU 0.5 hides loose boxes: at 600 steps only 32% of rings and 11% of crescents had a
-kept proposal at IoU >= 0.7 (the boxes covered 0.7-0.8 of the object's width). The defaults (1200
-steps, positives IoU >= 0.5, NMS 0.5, no score threshold) give IoU >= 0.7 recall 0.98 base / 0.88
-novel and stats.json 0.987 / 0.984 at IoU 0.5 (LOG.md, 2026-11-25).
+How the modes compare, and why the defaults: the recall tables in LOG.md (2026-11-25 and
+2026-11-30, "moved from proposals.py").
 
 Contract
 * ``build_proposal_net(pcfg)`` -> ``ProposalNet``: ``net(images (B, 3, H, W) normalised, padded)``

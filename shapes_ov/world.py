@@ -30,11 +30,7 @@ three steps.
 Determinism: every image (and every stream sample) draws from its own ``np.random.Generator``
 seeded with (world.seed, split, index), so the parallel render gives byte-identical PNGs and JSON.
 
-Measured here (2 CPU cores shared with other jobs, so times are approximate): the default
-``python -m shapes_ov`` took 302 s (images 11 s, stream + eval 16 s, training 270 s = 1,835 steps
-at 0.15 s/step) and reached 0.980 / 0.982 zero-shot base / novel (another stream seed, 1,800
-steps: 0.976 / 0.980). Accuracy follows the step count: on a loaded machine (716 steps in 280
-s) 0.874 / 0.928. Where cores are shared, OMP_WAIT_POLICY=PASSIVE matters (set below).
+Times and teacher accuracy of the default build: LOG.md (2026-11-30, "moved from world.py").
 
 References: WORLD.md (the world's spec); METHOD.md 8 for the OV-COCO file layout this mimics.
 
