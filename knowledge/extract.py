@@ -22,6 +22,11 @@ Files are written atomically (tmp + os.replace); a file that exists and loads is
 ``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE) splits the images between processes;
 the shard that finds every file present writes stats.json.
 
+With ``teacher.official_resources`` (the released HD-OVD files, the preferred source on OV-COCO)
+there is nothing to extract: ``knowledge_is_built`` is true, CLIP is never loaded, nothing is
+written, and ``build_knowledge`` only checks the files as training will read them and counts
+their pseudo boxes (``check_official``; the reader is knowledge/official.py).
+
 The parts live in one file per concept: ``oake.py`` (box and image embeddings, METHOD 1.3),
 ``proposals.py`` (class-agnostic proposal network), ``pseudo_labels.py`` (caption nouns and the
 weight, METHOD 1.4), ``knowledge/clip_io.py`` (loading CLIP offline, prompt-ensembled text
@@ -56,7 +61,7 @@ from torchvision.ops import box_iou
 
 import config as config_lib
 import data
-from knowledge import proposals as proposals_lib
+from knowledge import official, proposals as proposals_lib
 from detector import batch_images
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
 from knowledge.oake import embed_images_and_boxes
@@ -78,7 +83,10 @@ def stats_path(cfg) -> Path:
 
 def knowledge_is_built(cfg) -> bool:
     """True when class_embeddings.pt and stats.json exist (stats.json is written last, once every
-    train image has its file)."""
+    train image has its file), or when the official resources are read in place (nothing to
+    extract; data.py and hdovd.py check them when they open them)."""
+    if cfg.teacher.official_resources:
+        return True
     return class_embeddings_path(cfg).is_file() and stats_path(cfg).is_file()
 
 
@@ -173,6 +181,9 @@ def _calibration(cfg, model, preprocess, train, nouns, bank, log) -> dict:
     return cal
 
 
+SHARD_WAIT_SECONDS = 24 * 3600  # how long shards > 0 wait for shard 0's proposal network
+
+
 def _proposal_net(cfg, device, shard: int, force: bool, log):
     """The cached proposal network (trained by shard 0 when missing or configured differently)."""
     path = data.knowledge_dir(cfg) / "proposal_net.pt"
@@ -184,8 +195,9 @@ def _proposal_net(cfg, device, shard: int, force: bool, log):
             not (force and path.stat().st_mtime < started)
         if fresh or shard == 0:
             break
-        if time.time() - started > 2 * cfg.teacher.proposals.train_seconds + 600:
-            raise TeacherError(f"shard {shard}: shard 0 never wrote {path}; run shard 0 first")
+        if time.time() - started > SHARD_WAIT_SECONDS:  # a limit that only stops, with a message
+            raise TeacherError(f"shard {shard}: shard 0 has not written {path} in "
+                               f"{SHARD_WAIT_SECONDS // 3600} h; run shard 0 first, then this one")
         log(f"shard {shard}: waiting for shard 0 to write {path}")
         time.sleep(10)
     if fresh:
@@ -317,6 +329,8 @@ def build_knowledge(cfg, force: bool = False, shard: int = 0, num_shards: int = 
     """
     if not 0 <= shard < num_shards:
         raise TeacherError(f"--shard {shard} must be in 0..{num_shards - 1}")
+    if cfg.teacher.official_resources:
+        return check_official(cfg, log)
     threads = torch.get_num_threads()
     if cfg.teacher.threads > 0:
         torch.set_num_threads(cfg.teacher.threads)
@@ -419,6 +433,44 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
         clip_model=t.clip_model, num_train_images=len(train),
         images_without_caption_nouns=sum(1 for i in train.ids if not nouns.get(i)))
     _save_atomic(stats, stats_path(cfg))
+    return stats
+
+
+def check_official(cfg, log=print) -> dict:
+    """``teacher.official_resources``: open the files as training will (no CLIP, nothing written).
+
+    The train dataset's reader checks the pkl against the annotation file and that every training
+    image has its ``.pth``; the first image is read in full (keys, shapes, GT alignment); the
+    DetPro files must match its width. Returns counts of the pkl boxes per training image: all,
+    usable (both sides > ``model.pseudo_min_side_px`` after the resize: RPN targets) and those the
+    RoI head takes (the first ``model.max_pseudo_boxes`` usable ones).
+    """
+    t, m = cfg.teacher, cfg.model
+    train = data.build_dataset(cfg, "train", knowledge=True)  # raises on a missing/mismatched file
+    texts = official.load_class_embeddings(t.official_resources, config_lib.class_names(cfg))
+    first = train[0][1]["knowledge"]
+    if first["image_emb"].shape[0] != texts["embeddings"].shape[1]:
+        raise official.OfficialResourcesError(
+            f"'{texts['source']}' holds {texts['embeddings'].shape[1]}-d texts but the image "
+            f"embeddings are {first['image_emb'].shape[0]}-d: the files come from different CLIPs")
+    counts = torch.zeros(len(train), 3)  # (images, [all, usable, RoI head])
+    for i in range(len(train)):
+        info = train.image_info(i)
+        boxes = train.official.boxes[info["id"]]  # (P, 4) original px
+        ratio = torch.tensor(data.resize_ratios(info["width"], info["height"], cfg.data.min_size,
+                                                cfg.data.max_size))  # (2,) w, h
+        wh = (boxes[:, 2:] - boxes[:, :2]) * ratio  # (P, 2) resized px
+        usable = int((wh > m.pseudo_min_side_px).all(dim=1).sum())
+        counts[i] = torch.tensor([len(boxes), usable, min(usable, m.max_pseudo_boxes)])
+    mean = counts.mean(0).tolist()
+    stats = {"source": "official", "official_resources": t.official_resources,
+             "num_train_images": len(train), "embedding_dim": int(first["image_emb"].shape[0]),
+             "pseudo_boxes_per_image": mean[0], "usable_pseudo_boxes_per_image": mean[1],
+             "roi_pseudo_boxes_per_image": mean[2],
+             "images_with_more_usable_than_roi_cap": float((counts[:, 1] > m.max_pseudo_boxes)
+                                                           .float().mean())}
+    log(f"official resources in {t.official_resources} match {len(train)} training images; "
+        f"nothing to extract (knowledge/official.py reads them during training)")
     return stats
 
 

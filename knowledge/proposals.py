@@ -24,7 +24,10 @@ How the modes compare, and why the defaults: the recall tables in LOG.md (2026-1
 Contract
 * ``build_proposal_net(pcfg)`` -> ``ProposalNet``: ``net(images (B, 3, H, W) normalised, padded)``
   -> (logits (B, N), deltas (B, N, 4), anchors B x (N, 4), anchors per level); N over all levels.
-* ``train_proposal_net(cfg, device)`` -> (net, info): ``max_steps`` steps or ``train_seconds``.
+* ``train_proposal_net(cfg, device)`` -> (net, info) after ``max_steps`` steps (never a time budget:
+  the same seed gives the same network on a quiet or a busy machine).
+* ``warmup_cosine(optimizer, warmup_steps, max_steps)``: the LR schedule of this network and of
+  the Shapes-OV teacher (shapes_ov/clip_pretrain.py).
 * ``propose(net, images, image_sizes, ...)`` -> list of (boxes (k, 4) xyxy in the input frame,
   scores (k,)), sorted by score, after clipping, the minimum side, class-agnostic NMS and top-k.
 * ``load_proposal_file(path, coco, ...)`` -> {image id: boxes (k, 4) original pixels}.
@@ -39,7 +42,6 @@ is a small ResNet (BasicBlocks, ``backbone_blocks``) + FPN from scratch (OLN: Im
 """
 from __future__ import annotations
 
-import math
 import pickle
 import time
 from dataclasses import asdict
@@ -172,8 +174,19 @@ def proposal_losses(net, logits, deltas, anchors, gt_boxes, pcfg) -> dict:
             "loss_box": torch.stack(loss_box).mean() if loss_box else zero}
 
 
+def warmup_cosine(optimizer, warmup_steps: int, max_steps: int):
+    """LR schedule of the two auxiliary trainings (this teacher, knowledge/proposals.py): linear
+    warm-up from lr/warmup_steps to lr over ``warmup_steps`` steps, then cosine to 0 at
+    ``max_steps`` (torch's schedulers, stepped once per optimizer step)."""
+    sched = torch.optim.lr_scheduler
+    return sched.SequentialLR(optimizer, [
+        sched.LinearLR(optimizer, 1 / warmup_steps, 1.0, total_iters=max(warmup_steps - 1, 1)),
+        sched.CosineAnnealingLR(optimizer, T_max=max(max_steps - warmup_steps, 1))],
+        milestones=[warmup_steps])
+
+
 def train_proposal_net(cfg, device="cpu", log=print):
-    """Train on the train split's base boxes (flip augmentation) for the configured time budget."""
+    """Train on the train split's base boxes (flip augmentation) for ``max_steps`` steps."""
     pcfg = cfg.teacher.proposals
     torch.manual_seed(cfg.run.seed)
     net = build_proposal_net(pcfg).to(device, memory_format=torch.channels_last).train()
@@ -183,16 +196,13 @@ def train_proposal_net(cfg, device="cpu", log=print):
         num_workers=cfg.data.num_workers, collate_fn=data.collate,
         persistent_workers=cfg.data.num_workers > 0)
     opt = torch.optim.AdamW(net.parameters(), lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
-    warmup = 50  # steps of linear warm-up (chosen here; short runs)
+    schedule = warmup_cosine(opt, 50, pcfg.max_steps)  # 50 warm-up steps: chosen here, short runs
     start, step, smooth = time.time(), 0, None
     while True:
         for images, targets in loader:
-            progress = max(step / pcfg.max_steps, (time.time() - start) / pcfg.train_seconds)
-            if progress >= 1:
+            if step >= pcfg.max_steps:
                 break
-            lr = pcfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = schedule.get_last_lr()[0]
             padded = batch_images(images)  # the detector's zero padding to multiples of 32
             batch, sizes = padded.tensors, padded.image_sizes
             batch = batch.to(device, memory_format=torch.channels_last)  # faster convs (measured)
@@ -205,6 +215,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
             step += 1
             smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
             if step % 50 == 0:

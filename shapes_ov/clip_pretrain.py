@@ -7,9 +7,9 @@
 * ``pretrain_clip(cfg, pool)`` -> (``clip.model.CLIP`` with a ViT image tower, stats): symmetric
   InfoNCE where pairs whose captions describe the same thing are not each other's negatives. Half
   the captions get 1-2 random words that no caption or prompt uses, so the text tower learns to
-  ignore unseen words (the eval templates' words are unseen by design). Training stops at a
-  wall-clock budget (clip_pretrain.train_seconds; the cosine schedule follows elapsed time) or at
-  clip_pretrain.max_steps.
+  ignore unseen words (the eval templates' words are unseen by design). The budget is
+  ``clip_pretrain.max_steps`` (linear warm-up, then cosine to 0): counted in steps, never in
+  seconds, so the same seed gives the same teacher on a quiet or a busy machine.
 * ``save_clip(model, path)``: a plain state dict with fp16 weights like OpenAI's checkpoints, so
   ``clip.load(path, jit=False)`` (and clip_io.load_clip) rebuilds it.
 * ``evaluate_teacher(cfg, clip_path, val_ann, val_images)``: 16-way zero-shot accuracy on crops of
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
+from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
 from shapes_ov.shapes import SPLITS, class_names_of, make_captions, parallel_map, render_scene
 
@@ -157,16 +158,8 @@ def insert_filler(tokens, filler_ids, prob: float, gen):
     return out
 
 
-def _lr_at(pre, step: int, progress: float, warmup_end_progress: float) -> float:
-    """Linear warm-up over warmup_steps, then cosine to 0 over the remaining time budget."""
-    if step < pre.warmup_steps:
-        return pre.lr * (step + 1) / pre.warmup_steps
-    q = (progress - warmup_end_progress) / max(1.0 - warmup_end_progress, 1e-6)
-    return pre.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
-
-
 def pretrain_clip(cfg, pool: dict):
-    """Train a CLIP on the stream pool until clip_pretrain.train_seconds (or max_steps) elapse.
+    """Train a CLIP on the stream pool for clip_pretrain.max_steps steps.
 
     Returns (model, stats dict)."""
     pre = cfg.clip_pretrain
@@ -202,22 +195,12 @@ def pretrain_clip(cfg, pool: dict):
                             fused=device.type == "cuda" or _TORCH_VERSION >= (2, 4))  # CPU: 2.4+
     n_single = round(pre.batch_size * pre.single_fraction)
     n_scene = pre.batch_size - n_single
+    schedule = warmup_cosine(opt, pre.warmup_steps, pre.max_steps)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=pre.amp)
-    start = time.time()
-    step, warmup_end, losses = 0, 0.0, []
-    bar = tqdm(desc="pre-train teacher", total=None, leave=False)
-    while True:
-        elapsed = time.time() - start
-        progress = elapsed / pre.train_seconds
-        if pre.max_steps > 0:
-            progress = max(progress, step / pre.max_steps)
-        if progress >= 1.0:
-            break
-        if step == pre.warmup_steps:
-            warmup_end = progress
-        lr = _lr_at(pre, step, progress, warmup_end)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    start, losses = time.time(), []
+    bar = tqdm(desc="pre-train teacher", total=pre.max_steps, leave=False)
+    for step in range(1, pre.max_steps + 1):
+        lr = schedule.get_last_lr()[0]
         si = torch.randint(len(pool["singles"]), (n_single,), generator=gen)
         ci = torch.randint(len(pool["scenes"]), (n_scene,), generator=gen)
         labels = pool["single_labels"][si]
@@ -241,18 +224,18 @@ def pretrain_clip(cfg, pool: dict):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP: temperature capped at 100
         losses.append(loss.item())
-        step += 1
         bar.update(1)
         if step % pre.log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-pre.log_every:]):.3f}", lr=f"{lr:.2e}",
                             s_per_step=f"{(time.time() - start) / step:.3f}")
     bar.close()
     seconds = time.time() - start
-    stats = {"train_steps": step, "train_seconds": round(seconds, 1),
-             "seconds_per_step": round(seconds / max(step, 1), 4),
+    stats = {"train_steps": pre.max_steps, "train_seconds": round(seconds, 1),
+             "seconds_per_step": round(seconds / max(pre.max_steps, 1), 4),
              "final_loss": round(float(np.mean(losses[-pre.log_every:])), 4) if losses else None,
              "num_singles": len(pool["singles"]), "num_scenes": len(pool["scenes"]),
              "device": str(device), "threads": torch.get_num_threads()}

@@ -74,12 +74,12 @@ def tiny_cfg(tmp_path, clip_path):
     rng = np.random.default_rng(0)
     _draw_split(tmp_path, "train", 10, False, rng)
     _draw_split(tmp_path, "val", 4, True, rng)
-    return config.load_config(None, [
+    return config.load_config(Path(__file__).resolve().parents[1] / "config.yaml", [  # Shapes-OV
         f"data.root={tmp_path}", f"data.base_classes={BASE}", f"data.novel_classes={NOVEL}",
         "data.min_size=64", "data.max_size=64", "data.num_workers=0",
         f"teacher.clip_model={clip_path}", "teacher.image_batch_size=4", "teacher.box_batch_size=5",
         "teacher.weight_a=1.0", "teacher.weight_mu=0.2", "teacher.weight_sigma=0.05",
-        "teacher.pseudo_min_side=2", "teacher.pseudo_score_thresh=0", "teacher.proposals.max_steps=2",
+        "teacher.pseudo_min_side_orig_px=2", "teacher.pseudo_score_thresh=0", "teacher.proposals.max_steps=2",
         "teacher.proposals.batch_size=4", "teacher.proposals.fpn_channels=16",
         "teacher.proposals.anchor_sizes=[8,16,32,64]", "run.device=cpu"])
 
@@ -315,6 +315,6 @@ def test_extraction_contract_resume_and_shards(tiny_cfg):
     files[1].write_bytes(files[1].read_bytes()[:50])
     mtimes = {f: f.stat().st_mtime_ns for f in files[2:]}
     extract.build_knowledge(tiny_cfg)
-    assert teacher._file_done(files[0]) and teacher._file_done(files[1])
+    assert extract._file_done(files[0]) and extract._file_done(files[1])
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
     assert not list(kdir.glob(".*.tmp"))  # no temporary files left behind

@@ -19,13 +19,14 @@ TINY_CLIP = ["clip_pretrain.embed_dim=32", "clip_pretrain.image_resolution=32",
              "clip_pretrain.vision_patch_size=8", "clip_pretrain.transformer_width=64",
              "clip_pretrain.transformer_layers=1", "clip_pretrain.num_scenes=8",
              "clip_pretrain.batch_size=8", "clip_pretrain.warmup_steps=1",
-             "clip_pretrain.max_steps=2", "clip_pretrain.train_seconds=60",
+             "clip_pretrain.max_steps=2",
              "clip_pretrain.log_every=1"]
+SHAPES_OV = Path(__file__).resolve().parents[1] / "config.yaml"  # the world's settings
 
 
 def tiny_cfg(root, *extra):
-    return config.load_config(None, [f"data.root={root}", "world.num_train=12", "world.num_val=8",
-                                     "world.workers=1", *TINY_CLIP, *extra])
+    return config.load_config(SHAPES_OV, [f"data.root={root}", "world.num_train=12",
+                                          "world.num_val=8", "world.workers=1", *TINY_CLIP, *extra])
 
 
 def test_same_seed_same_bytes_parallel_or_not(tmp_path):
@@ -81,7 +82,7 @@ def test_coco_round_trip(tmp_path):
 
 
 def test_scene_limits():
-    cfg = config.load_config(None)
+    cfg = config.load_config(SHAPES_OV)
     names = shapes.class_names_of(cfg)
     w = cfg.world
     counts = []
@@ -103,7 +104,7 @@ def test_scene_limits():
     assert np.mean(counts) >= 3  # 2-5 objects asked for: placement rarely gives up
 
 
-@pytest.mark.parametrize("name", shapes.class_names_of(config.load_config(None)))
+@pytest.mark.parametrize("name", shapes.class_names_of(config.load_config(SHAPES_OV)))
 def test_box_is_tight_around_rendered_pixels(name):
     # Rotated by the maximum, stretched: the box must hug the pixels that are mostly covered.
     polys = shapes.shape_polygons(name, np.random.default_rng(0))
