@@ -11,10 +11,19 @@ Contract
   every run directory and stored in every checkpoint, and ``config_from_dict`` rebuilds it.
 * ``add_config_args(parser)`` adds ``--config`` and repeated ``--set`` to any argparse parser.
 * ``resolve_device(cfg.run.device)`` turns ``run.device`` into a ``torch.device``.
+* ``class_names(cfg)`` is the vocabulary in class-id order: base classes, then novel ones.
 
-Every field carries its meaning in the comment next to it; the values for Shapes-OV live in
-``config.yaml`` and the paper settings for OV-COCO in ``configs/``. Defaults here are the Shapes-OV
-ones, so a partial YAML file is valid.
+One source for every default
+----------------------------
+The dataclass defaults below are the paper's settings: the official Faster R-CNN R50 OV-COCO
+config (``myfasterrcnn_r50_1x_coco.py``; METHOD.md 7-8.4), each with its source in the comment.
+Keys with no official value that still apply to COCO (``teacher.proposals``, worker counts, logging
+intervals) take the values chosen for COCO; keys that exist only for the embedded Shapes-OV world
+(sections ``world`` and ``clip_pretrain``) default to its values (WORLD.md). A YAML file lists only
+what differs from these defaults: ``config.yaml`` holds what the Shapes-OV world changes, each with
+a word on why; ``configs/*.yaml`` hold the other experiments. Measurements behind the chosen values
+are in LOG.md ("Config provenance"); ``tests/test_config.py`` checks that every shipped file lists
+exactly the keys where it differs from the defaults.
 """
 from __future__ import annotations
 
@@ -36,14 +45,30 @@ class ConfigError(ValueError):
 # The tree. Each section is one concept; each leaf is a plain Python type.
 # ----------------------------------------------------------------------------------------------
 
-SHAPES_BASE = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "heart",
-               "arrow", "plus", "pentagon", "semicircle"]  # WORLD.md: 12 base shapes
-SHAPES_NOVEL = ["ring", "crescent", "rectangle", "trapezoid"]  # WORLD.md: 4 novel shapes
+# The OV-COCO split (METHOD 8.1; official tools/get_ov_coco_annotations.py): (name, original COCO
+# id). New category ids are the positions in OV_COCO_BASE + OV_COCO_NOVEL: base 0..47, novel 48..64.
+# data.py builds the annotation files from it; the class-name defaults below are its names.
+OV_COCO_BASE: list[tuple[str, int]] = [
+    ("person", 1), ("bicycle", 2), ("car", 3), ("motorcycle", 4), ("train", 7), ("truck", 8),
+    ("boat", 9), ("bench", 15), ("bird", 16), ("horse", 19), ("sheep", 20), ("bear", 23),
+    ("zebra", 24), ("giraffe", 25), ("backpack", 27), ("handbag", 31), ("suitcase", 33),
+    ("frisbee", 34), ("skis", 35), ("kite", 38), ("surfboard", 42), ("bottle", 44), ("fork", 48),
+    ("spoon", 50), ("bowl", 51), ("banana", 52), ("apple", 53), ("sandwich", 54), ("orange", 55),
+    ("broccoli", 56), ("carrot", 57), ("pizza", 59), ("donut", 60), ("chair", 62), ("bed", 65),
+    ("toilet", 70), ("tv", 72), ("laptop", 73), ("mouse", 74), ("remote", 75), ("microwave", 78),
+    ("oven", 79), ("toaster", 80), ("refrigerator", 82), ("book", 84), ("clock", 85), ("vase", 86),
+    ("toothbrush", 90),
+]
+OV_COCO_NOVEL: list[tuple[str, int]] = [
+    ("airplane", 5), ("bus", 6), ("cat", 17), ("dog", 18), ("cow", 21), ("elephant", 22),
+    ("umbrella", 28), ("tie", 32), ("snowboard", 36), ("skateboard", 41), ("cup", 47), ("knife", 49),
+    ("cake", 61), ("couch", 63), ("keyboard", 76), ("sink", 81), ("scissors", 87),
+]
 
 
 @dataclass
 class RunConfig:
-    name: str = "shapes_ov_frcnn"       # run directory name: runs/<name>/
+    name: str = "hdovd"                 # run directory: runs/<name>/ (each config names its run)
     out_dir: str = "runs"               # parent of all run directories
     seed: int = 0                       # global seed (rank is added per process)
     device: str = "auto"                # "auto" (cuda if available), "cpu" or "cuda"
@@ -51,28 +76,31 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes_ov"          # "shapes_ov" (built by world.py when missing) or "coco"
-    root: str = "data/shapes_ov"        # dataset root; the paths below are relative to it
-    train_images: str = "train"         # folder of training images
-    val_images: str = "val"             # folder of validation images
-    train_ann: str = "annotations/instances_train.base.json"  # base boxes only (OV training)
-    val_ann: str = "annotations/instances_val.all.json"       # base + novel boxes (OV testing)
-    captions: str = "annotations/captions_train.json"         # COCO captions format (H2 nouns)
-    base_classes: list[str] = field(default_factory=lambda: list(SHAPES_BASE))
-    novel_classes: list[str] = field(default_factory=lambda: list(SHAPES_NOVEL))
-    knowledge_dir: str = "knowledge"    # per-image offline CLIP knowledge (teacher.py), under root
-    min_size: int = 128                 # resize: shorter side target (COCO: 800)
-    max_size: int = 128                 # resize: longer side cap (COCO: 1333)
+    dataset: str = "coco"               # "coco" (data.py ov-coco builds the files) or "shapes_ov"
+    root: str = "dataset/coco"          # dataset root; the paths below are relative to it
+    train_images: str = "train2017"     # folder of training images (COCO 2017)
+    val_images: str = "val2017"         # folder of validation images (COCO 2017)
+    train_ann: str = "annotations/instances_train2017.48.json"  # METHOD 8.2: base boxes only
+    val_ann: str = "annotations/instances_val2017.65.min.json"  # METHOD 8.2: 65 classes
+    captions: str = "annotations/captions_train2017.json"       # COCO captions: the H2 nouns
+    base_classes: list[str] = field(  # METHOD 8.1: 48 base classes, ids 0..47
+        default_factory=lambda: [n for n, _ in OV_COCO_BASE])
+    novel_classes: list[str] = field(  # METHOD 8.1: 17 novel classes, ids 48..64
+        default_factory=lambda: [n for n, _ in OV_COCO_NOVEL])
+    knowledge_dir: str = "knowledge"    # per-image CLIP knowledge under root (knowledge/extract.py)
+    min_size: int = 800                 # resize: shorter side target (official (1333, 800))
+    max_size: int = 1333                # resize: longer side cap (official, keep ratio)
     flip_prob: float = 0.5              # horizontal flip probability in training (official: 0.5)
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])   # ImageNet
     skip_images_without_base: bool = True  # mmdet filter_empty_gt for training
-    min_box_side: float = 1.0           # boxes with a side below this (original px) are dropped (mmdet: w < 1 or h < 1)
-    num_workers: int = 2                # DataLoader worker processes per rank
+    min_box_side: float = 1.0           # drop boxes with a side below this, original px (mmdet: 1)
+    num_workers: int = 4                # DataLoader workers per rank (official workers_per_gpu 4)
 
 
 @dataclass
 class WorldConfig:
+    """The embedded Shapes-OV world (shapes_ov/world.py): exists only for it, so WORLD.md values."""
     seed: int = 0                       # Shapes-OV generation seed (same seed -> same files)
     num_train: int = 4000               # WORLD.md: 4000 train images
     num_val: int = 500                  # WORLD.md: 500 val images
@@ -82,19 +110,22 @@ class WorldConfig:
     max_pair_iou: float = 0.3           # WORLD.md: pairwise IoU <= 0.3
     max_rotation: float = 15.0          # WORLD.md: rotation at most +-15 degrees
     stretch: list[float] = field(default_factory=lambda: [0.88, 1.12])    # WORLD.md: stretch range
-    fill_colors: list[str] = field(default_factory=lambda: ["white"])     # WORLD.md: one fill colour
+    fill_colors: list[str] = field(default_factory=lambda: ["white"])     # WORLD.md: one colour
     captions_per_image: list[int] = field(default_factory=lambda: [1, 3])  # WORLD.md: 1-3 captions
-    min_gap: int = 2                    # px kept between objects' pixels (one fill colour: touching shapes merge); chosen here
-    placement_attempts: int = 50        # tries to place each object before giving up on it; chosen here
-    background_contrast: float = 100.0  # min RGB L2 distance of background/line colours to fill colours; chosen here
-    noise_std: list[float] = field(default_factory=lambda: [0.0, 10.0])  # background noise std range (0-255 scale); chosen here
+    min_gap: int = 2                    # px between objects' pixels (one fill colour: touching
+                                        # shapes would merge); chosen here
+    placement_attempts: int = 50        # tries to place each object before giving up; chosen here
+    background_contrast: float = 100.0  # min RGB distance of background/line colours to fill
+                                        # colours; chosen here
+    noise_std: list[float] = field(default_factory=lambda: [0.0, 10.0])  # background noise std
+                                        # range (0-255 scale); chosen here
     lines: list[int] = field(default_factory=lambda: [0, 2])  # WORLD.md: 0-2 thin background lines
     workers: int = 2                    # processes used to render images
 
 
 @dataclass
 class ClipPretrainConfig:
-    """The Shapes-OV teacher: a small clip.model.CLIP trained by world.py (WORLD.md "Measured").
+    """The Shapes-OV teacher: a small clip.model.CLIP (shapes_ov/clip_pretrain.py; WORLD.md).
 
     Heads are not a key: clip.load infers them as width // 64, so widths must be multiples of 64.
     """
@@ -103,24 +134,26 @@ class ClipPretrainConfig:
     vision_layers: int = 4              # ViT depth (WORLD.md)
     vision_width: int = 192             # ViT width -> 3 heads (WORLD.md)
     vision_patch_size: int = 8          # 8x8 patches -> 8x8 token grid at 64 px (WORLD.md)
-    context_length: int = 32            # text tokens; measured here: longest caption is 27 tokens
+    context_length: int = 32            # text tokens (the longest caption fits; measured, LOG.md)
     vocab_size: int = 49408             # the clip BPE tokenizer's vocabulary
     transformer_width: int = 128        # text tower width -> 2 heads (WORLD.md)
     transformer_layers: int = 3         # text tower depth (WORLD.md)
     lr: float = 5e-4                    # AdamW lr (WORLD.md)
     weight_decay: float = 0.05          # only on >= 2-D weights (WORLD.md)
-    warmup_steps: int = 150             # linear warm-up, then cosine over the time budget (WORLD.md)
-    batch_size: int = 32                # pairs per step; measured here: same samples, 32 beats WORLD.md's 64 (0.955/0.968 vs 0.943/0.957) at ~0.6x the time per step
-    single_fraction: float = 0.75       # share of single-object crops in a batch, rest scenes (WORLD.md)
-    train_seconds: float = 270.0        # wall-clock budget of the training loop; measured here (2 cores): 1835 steps -> 0.980/0.982, whole world.py 302 s (limit 360)
-    max_steps: int = 0                  # also stop after this many steps (0 = time budget only)
-    num_scenes: int = 6400              # stream scenes rendered; each is a scene sample (WORLD.md: 6400)
-    crops_per_object: int = 1           # single-object crops cut from each stream object (6400 scenes -> ~22k singles; WORLD.md: 20000)
-    crop_scale: list[float] = field(default_factory=lambda: [1.25, 1.75])  # crop side / box side of stream singles; chosen here around the eval's 1.5
-    crop_jitter: float = 0.1            # random crop-centre shift, fraction of the crop side; chosen here
-    single_captions: list[str] = field(default_factory=lambda: [
-        "a {}", "the {}", "one {}", "a single {}", "a {} in the middle"])  # captions of single crops; chosen here, never the eval templates
-    filler_prob: float = 0.5            # share of captions given 1-2 random unused words, so the unseen template words are ignored; measured here (600 steps): 0 -> 0.86/0.92, 0.5 -> 0.94/0.96 base/novel
+    warmup_steps: int = 150             # linear warm-up, then cosine to max_steps (WORLD.md)
+    batch_size: int = 32                # pairs per step (WORLD.md: 64; 32 measured better, LOG.md)
+    single_fraction: float = 0.75       # single-object crops per batch, the rest scenes (WORLD.md)
+    max_steps: int = 1800               # the budget, in steps (~270 s on 2 quiet cores; LOG.md 11-30)
+    num_scenes: int = 6400              # stream scenes rendered, each also a sample (WORLD.md)
+    crops_per_object: int = 1           # single-object crops per stream object (6400 scenes ->
+                                        # ~22k singles; WORLD.md: 20000)
+    crop_scale: list[float] = field(default_factory=lambda: [1.25, 1.75])  # crop side / box side
+                                        # of stream singles; chosen here around the eval's 1.5
+    crop_jitter: float = 0.1            # random crop-centre shift / crop side; chosen here
+    single_captions: list[str] = field(default_factory=lambda: [  # captions of single crops;
+        "a {}", "the {}", "one {}", "a single {}", "a {} in the middle"])  # never the eval templates
+    filler_prob: float = 0.5            # captions given 1-2 random unused words, so unseen template
+                                        # words are ignored (measured, LOG.md)
     amp: bool = True                    # bf16 autocast (WORLD.md: faster on CPU)
     threads: int = 0                    # torch.set_num_threads (0 = torch's default: all cores)
     log_every: int = 50                 # steps between progress-bar loss updates
@@ -130,48 +163,81 @@ class ClipPretrainConfig:
 
 @dataclass
 class ProposalConfig:
-    """Class-agnostic proposal network trained on base boxes only (proposals.py; OLN, Kim et al. 2022)."""
-    objectness: str = "iou"             # "iou" (IoU on positives + object fragments), "oln" (centerness on positives) or "rpn"; measured here
-    backbone_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # BasicBlocks per ResNet stage (ResNet-18: 2,2,2,2); measured here
-    amp: bool = True                    # bf16 autocast (CPU with avx512_bf16 and CUDA): ~2x faster, measured here
-    fpn_channels: int = 128             # FPN width (torchvision: 256; halved for 2 CPU cores)
-    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one per level, strides 8-64 (objects 16-56 px)
-    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])   # torchvision / mmdet default
-    pos_iou: float = 0.5                # positives: IoU >= this (OLN-RPN 0.3; torchvision rpn 0.7; 0.5 measured tighter)
+    """Class-agnostic proposal network trained on base boxes only (knowledge/proposals.py; OLN,
+    Kim et al. 2022). No official counterpart: the official run reads MAVL's top-5 proposals
+    (``teacher.proposals_file``). Sizes and budgets are set for COCO at OLN's scale (ImageNet
+    ResNet-50, SGD 0.02 at 16 images, 8 epochs); "measured" values were chosen on Shapes-OV (LOG.md)."""
+    objectness: str = "iou"             # "iou" (IoU on positives + fragments), "oln" (centerness on
+                                        # positives) or "rpn"; measured
+    backbone: str = "resnet50"          # torchvision ResNet with ImageNet weights (OLN: R50), or
+                                        # "basic": BasicBlocks of backbone_blocks from scratch
+    backbone_weights: str = "weights/resnet50-0676ba61.pth"  # torchvision ImageNet file (the
+                                        # detector's model.backbone_weights); "" = from scratch
+    backbone_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # "basic" only:
+                                        # BasicBlocks per stage (ResNet-18: 2,2,2,2); measured
+    amp: bool = True                    # bf16 autocast (CPU with avx512_bf16, CUDA); measured 2x
+    fpn_channels: int = 256             # FPN width (torchvision, OLN: 256)
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # one per level,
+                                        # strides 8-64, for ~800 px images
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # torchvision/mmdet
+    pos_iou: float = 0.5                # positives: IoU >= this (OLN-RPN 0.3, torchvision 0.7);
+                                        # measured tighter boxes
     neg_iou: float = 0.3                # rpn mode only: negatives IoU < this (torchvision 0.3)
     batch_anchors: int = 256            # sampled anchors per image (torchvision / OLN)
-    lr: float = 2e-3                    # AdamW lr, measured here
-    batch_size: int = 16                # images per step
-    train_seconds: float = 600.0        # wall-clock safety cap; max_steps is the budget (1200 steps ~ 200 s on 2 cores)
-    max_steps: int = 1200               # steps of 16 images; novel IoU>=0.7 recall 0.58 at 600, 0.88 at 1200 (+pos_iou 0.5)
+    optimizer: str = "sgd"              # "sgd" (momentum 0.9, OLN) or "adamw"; weight decay 1e-4
+    lr: float = 0.01                    # OLN 0.02 at 16 images, linearly scaled to batch_size 8
+    warmup_steps: int = 500             # linear warm-up, then cosine to 0 (OLN: 500 warm-up steps)
+    batch_size: int = 8                 # images per step
+    max_steps: int = 107761             # OLN's 8 epochs of the 107,761 base-box images at 8 per step
     pre_nms_top_n: int = 1000           # per level before NMS (torchvision rpn_pre_nms_top_n_test)
+
 
 @dataclass
 class TeacherConfig:
-    clip_model: str = "data/shapes_ov/teacher/clip.pt"  # OpenAI name ("ViT-B/32") or a path
-    clip_dir: str = ""                  # where OpenAI checkpoints live ("" -> $HDOVD_CLIP_DIR or ~/.cache/clip)
-    templates: list[str] = field(default_factory=lambda: [
-        "a photo of a {}.", "a drawing of a {}.", "an image showing a {}.", "a picture of the {}."])
+    """The offline CLIP knowledge (knowledge/; METHOD 1.2-1.4). Official: ViT-B/32 with DetPro
+    prompts, OAKE box embeddings (OADP), MAVL's top-5 proposals."""
+    # The official ovd_resources/ folder (METHOD 1.2; official README "Data Preparation"), read
+    # as it is by knowledge/official.py: DetPro class texts, the released proposals and their CLIP
+    # embeddings, w = 1.3*sigmoid((cos-0.31)/0.026). The preferred source on OV-COCO: nothing is
+    # extracted and every key below is unused. "" = extract the knowledge here (the keys below).
+    official_resources: str = ""
+    clip_model: str = "ViT-B/32"        # OpenAI name or a checkpoint path (METHOD 1.2: ViT-B/32)
+    clip_dir: str = ""                  # OpenAI checkpoints; "" -> $HDOVD_CLIP_DIR, ~/.cache/clip
+    templates: list[str] = field(default_factory=lambda: [  # used when templates_file is "":
+        "a photo of a {}.", "a drawing of a {}.", "an image showing a {}.",
+        "a picture of the {}."])        # Shapes-OV's prompt ensemble
     objectness_text: str = "whole entity"  # METHOD 1.2: DetPro "whole entity" objectness text
-    templates_file: str = ""            # one template per line, replaces `templates` when set (COCO: vocab/imagenet_templates.txt)
-    noun_vocab: str = ""                # caption-noun vocabulary file ("" -> the class names; COCO: vocab/coco_nouns.txt)
-    box_embedding: str = "crop"         # "oake" (METHOD 1.3 masked object token) or "crop" (encode_image of the square); Shapes-OV: crop, measured (oake.py)
-    context: str = "longest_side"       # context square side: "longest_side" (scale*max(w,h)) or "sqrt_area" (scale*sqrt(wh))
-    context_scale: float = 1.5          # OADP: sqrt_area with sqrt(8)=2.83; Shapes-OV: 1.5, measured (oake.py docstring)
-    upsample: int = 1                   # OAKE token upsampling (patch stride / upsample); OADP ViT-B/32: 2; unused by "crop"
-    amp: bool = True                    # bf16 autocast for CLIP forwards on CPU (CUDA: fp16 weights); measured here
-    threads: int = 1                    # torch.set_num_threads inside teacher.py (0 = all cores); measured: 1 thread 2m52s vs 2 threads 14m47s on a busy 2-core machine
-    box_batch_size: int = 64            # crops per CLIP forward; measured (CPU, 1 thread): 16-64 ~620 boxes/s, 128-256 480-580
-    image_batch_size: int = 32          # images per extraction step (their boxes are batched together)
-    num_pseudo_boxes: int = 5           # kept proposals per image (object-centric-ovd keeps the top 5; METHOD 1.2)
-    pseudo_min_side: float = 5.0        # kept proposals need both sides > this (original px); COCO 32 px at 800 -> 32*128/800
-    pseudo_nms_iou: float = 0.3         # class-agnostic NMS before the top-k (object-centric-ovd: 0.5; Shapes-OV 0.3, measured)
-    pseudo_score_thresh: float = 0.4    # kept proposals need score >= this (iou mode: predicted IoU); measured: precision 0.68 -> 0.95, novel hits 415 -> 413
-    proposals_file: str = ""            # external proposals pickle (MAVL format, METHOD 1.2); "" -> train the proposal network
-    weight_a: float | None = None       # pseudo weight w = a*sigmoid((cos-mu)/sigma); None -> calibrated (official ViT-B/32 detpro: 1.3)
-    weight_mu: float | None = None      # None -> calibrated from the teacher's own statistics (official: 0.31)
+    # One template per line, replaces `templates`: the 80 ImageNet templates (official
+    # hand_craft_prompt.py; DetPro's learned prompts are not public).
+    templates_file: str = "vocab/imagenet_templates.txt"
+    # Caption-noun vocabulary ("" -> the class names): COCO, LVIS and Objects365 names and plurals.
+    noun_vocab: str = "vocab/coco_nouns.txt"
+    box_embedding: str = "oake"         # "oake" (METHOD 1.3 masked object token, OADP) or "crop"
+                                        # (encode_image of the context square)
+    context: str = "sqrt_area"          # context square side: "sqrt_area" (scale*sqrt(wh), OADP)
+                                        # or "longest_side" (scale*max(w,h))
+    context_scale: float = 2.83         # OADP: side sqrt(8 w h), sqrt(8) = 2.83
+    upsample: int = 2                   # OAKE token upsampling (OADP ViT-B/32: stride 32 -> 16);
+                                        # unused by "crop"
+    amp: bool = True                    # bf16 autocast for CLIP forwards on CPU (CUDA: fp16
+                                        # weights); measured
+    threads: int = 0                    # torch.set_num_threads while extracting (0 = all cores)
+    box_batch_size: int = 64            # crops per CLIP forward; measured
+    image_batch_size: int = 32          # images per extraction step (their boxes share forwards)
+    num_pseudo_boxes: int = 5           # kept proposals per image (object-centric-ovd top 5; 1.2)
+    pseudo_min_side_orig_px: float = 32.0  # kept proposals need both sides > this, original px
+                                           # (METHOD 2.4: 32)
+    pseudo_nms_iou: float = 0.5         # class-agnostic NMS before the top-k (object-centric-ovd)
+    pseudo_score_thresh: float = 0.0    # kept proposals need score >= this (official: 0, the top k
+                                        # whatever their score)
+    proposals_file: str = ""            # external proposals pickle (MAVL format, METHOD 1.2: the
+                                        # official coco_proposal_train_object_centric.pkl);
+                                        # "" -> train the proposal network below
+    weight_a: float | None = None       # pseudo weight w = a*sigmoid((cos-mu)/sigma); None ->
+                                        # calibrated (official ViT-B/32 DetPro prompts: 1.3)
+    weight_mu: float | None = None      # None -> calibrated on the teacher (official: 0.31)
     weight_sigma: float | None = None   # None -> calibrated (official: 0.026)
-    calibration_images: int = 500       # first N train images whose base boxes calibrate (a, mu, sigma)
+    calibration_images: int = 500       # base boxes of the first N train images calibrate a, mu, sigma
     proposals: ProposalConfig = field(default_factory=lambda: ProposalConfig())
 
 
@@ -179,12 +245,15 @@ class TeacherConfig:
 class ModelConfig:
     """The student detector (METHOD §7; official myfasterrcnn_r50_1x_coco.py)."""
     detector: str = "faster_rcnn"       # "faster_rcnn" (METHOD 7)
-    backbone: str = "resnet18"          # torchvision ResNet name (COCO: resnet50)
-    backbone_weights: str = ""          # torchvision ImageNet weights file ("" = from scratch)
-    trainable_layers: int = 3           # with weights: stages that train (official frozen_stages=1 -> 3)
-    returned_layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # ResNet stages into the FPN
-    fpn_channels: int = 128             # FPN width (official: 256)
-    anchor_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # one per FPN level
+    backbone: str = "resnet50"          # torchvision ResNet name (official R50)
+    # torchvision V1 ImageNet weights (official: torchvision's R50; METHOD 11); "" = from scratch
+    backbone_weights: str = "weights/resnet50-0676ba61.pth"
+    trainable_layers: int = 3           # with weights: stages that train (official frozen_stages=1)
+    returned_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # ResNet stages into
+                                        # the FPN: P2..P5 (+ P6 max-pool), official
+    fpn_channels: int = 256             # FPN width (official 256)
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # official:
+                                        # scale 8 x strides 4..64
     anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # official ratios
     rpn_fg_iou: float = 0.7             # official RPN MaxIoU pos
     rpn_bg_iou: float = 0.3             # official RPN MaxIoU neg
@@ -201,8 +270,35 @@ class ModelConfig:
     representation_size: int = 1024     # Shared2FC width (official 1024)
     tau_cls: float = 50.0               # cls_tau in the official config (METHOD 1.1)
     max_pseudo_boxes: int = 5           # max_pseudo_box_num (METHOD 2.4)
-    pseudo_min_side: float = 32.0       # pseudo boxes need w, h > this (resized px; METHOD 2.4)
-    pseudo_box_regression: bool = False  # RoI box regression also on pseudo boxes (official: no, METHOD 7)
+    pseudo_min_side_px: float = 32.0    # pseudo boxes need w, h > this, resized px (METHOD 2.4: 32)
+    pseudo_box_regression: bool = False  # RoI box regression also on pseudo boxes (official: no,
+                                         # METHOD 7)
+
+
+@dataclass
+class AdaMixerConfig:
+    """The AdaMixer student, ``model.detector: adamixer`` (adamixer.py; METHOD 2, ADAMIXER.md;
+    official myadamixer_r50_1x_coco.py, PromptAnchorHead2, AdaMixerDecoderStagePrompt). Its content
+    width is ``model.fpn_channels``; its values of the shared keys (loss.*, inference.*, train.*)
+    are in configs/ov_coco_adamixer_r50.yaml."""
+    num_stages: int = 6                 # decoder stages (official 6, METHOD 2.3)
+    num_queries: int = 300              # queries taken from the generator (official num_query 300)
+    num_heads: int = 8                  # self-attention heads (official 8)
+    num_groups: int = 4                 # sampling and mixing groups G (official 4)
+    in_points: int = 32                 # sampling points per group P_in (official 32)
+    out_points: int = 128               # mixed points P_out (official 128)
+    ffn_dim: int = 2048                 # FFN width (official 2048)
+    num_reg_fcs: int = 3                # Linear-LN-ReLU blocks of the box head (official HD-OVD 3)
+    pe_xy_divisor: float = 1000.0       # positional encoding divides x, y by this (official, C6)
+    shuffle_channels: int = 64          # generator cross-level shuffle width (official 64 of 256)
+    pre_nms_top_k: int = 1000           # generator points kept per level before NMS (official 1000)
+    nms_iou: float = 0.7                # generator class-agnostic NMS IoU (official dqs_cfg 0.7)
+    fill_queries: bool = False          # too few NMS survivors: fill with suppressed boxes
+                                        # (official: no, it breaks; ADAMIXER.md C8)
+    objectness_norm: str = "positions"  # generator objectness cosine normalised over "positions"
+                                        # (official, ADAMIXER.md C1) or "channels" (per location)
+    pseudo_warmup_fraction: float = 0.083333  # share of train.max_steps with pseudo boxes and
+                                        # distillation off (official: epoch 0 of 12, METHOD 6)
 
 
 @dataclass
@@ -223,7 +319,8 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    """Weight of each loss_* term (METHOD 6, 7; Faster R-CNN values)."""
+    """Weight of each loss_* term (METHOD 6, 7): Faster R-CNN values for the shared keys (the
+    AdaMixer ones are in configs/ov_coco_adamixer_r50.yaml); query_* to giou are AdaMixer's own."""
     rpn_objectness: float = 1.0         # official RPN sigmoid CE weight
     rpn_box: float = 1.0                # official RPN L1 weight
     cls: float = 1.0                    # official CE weight
@@ -233,6 +330,13 @@ class LossConfig:
     text_skd: float = 0.5               # H2 text contrastive (AdaMixer 0.5)
     text_rkd: float = 5.0               # H2 text relational (AdaMixer 5.0)
     img: float = 0.1                    # H3 (FRCNN 0.1, AdaMixer 0.2)
+    query_qfl: float = 1.0              # AdaMixer generator, one-to-one branch QFL (official 1)
+    query_giou: float = 2.0             # AdaMixer generator, one-to-one branch GIoU (official 2)
+    query_aux_qfl: float = 1.0          # AdaMixer generator, one-to-many branch QFL (official 1)
+    query_aux_giou: float = 2.0         # AdaMixer generator, one-to-many branch GIoU (official 2)
+    obj: float = 2.0                    # AdaMixer stage objectness focal loss (official 2, METHOD 2.5)
+    l1: float = 5.0                     # AdaMixer stage box L1, xyxy / image size (official 5)
+    giou: float = 2.0                   # AdaMixer stage box GIoU (official 2)
 
 
 @dataclass
@@ -248,29 +352,36 @@ class InferenceConfig:
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "adamw"            # "adamw" (official AdaMixer) or "sgd" (official FRCNN, METHOD 8.4)
-    lr: float = 1e-3                    # peak lr for the whole batch (official: AdamW 5e-5 / SGD 0.02 at 16 images)
+    """The schedule (METHOD 8.4, official Faster R-CNN R50: SGD 0.02 at 16 images, 12 epochs)."""
+    optimizer: str = "sgd"              # "sgd" (official FRCNN) or "adamw" (official AdaMixer)
+    lr: float = 0.02                    # peak lr at 16 images per step (official FRCNN; AdaMixer:
+                                        # AdamW 5e-5); linear scaling rule for other batch sizes
     momentum: float = 0.9               # SGD momentum (official FRCNN 0.9); unused by AdamW
     weight_decay: float = 1e-4          # official 1e-4 (both detectors, METHOD 8.4)
-    no_decay_norm_bias: bool = False    # exempt 1-D params (norms, biases) from decay (official Swin-B only)
-    batch_size: int = 8                 # images per process (official 4 per GPU x 4 GPUs)
-    max_steps: int = 600                # optimizer steps in total (official 1x: ~80.8k at 16 images)
-    warmup_steps: int = 100             # linear warm-up length (official 500 iters)
+    no_decay_norm_bias: bool = False    # no decay on 1-D params (norms, biases): official Swin-B
+    batch_size: int = 4                 # images per process (official 4 per GPU x 4 GPUs = 16)
+    max_steps: int = 80832              # optimizer steps: official 12 epochs x 6,736 iterations
+                                        # (107,761 images / 16)
+    warmup_steps: int = 500             # linear warm-up length (official 500 iters)
     warmup_ratio: float = 0.001         # lr factor at step 0 of the warm-up (official 0.001)
-    milestones: list[int] = field(default_factory=lambda: [400, 550])  # lr x gamma from these steps (official: epochs 8, 11 of 12)
+    milestones: list[int] = field(default_factory=lambda: [53888, 74096])  # lr x gamma from these
+                                        # steps (official: epochs 8 and 11 of 12)
     gamma: float = 0.1                  # step-decay factor (official 0.1)
-    clip_grad_norm: float = 1.0         # max L2 norm of all grads, 0 = off (official AdaMixer 1.0, FRCNN off)
-    amp: bool = True                    # autocast: CUDA bf16/fp16; CPU bf16 only (1.5x faster here, measured)
-    amp_dtype: str = "bfloat16"         # "bfloat16" (no loss scaling) or "float16" (with GradScaler)
-    log_every: int = 20                 # steps between log.jsonl lines
-    eval_every: int = 0                 # steps between evaluations, 0 = only at the end
-    ckpt_every: int = 200               # steps between checkpoints (one is always written at the end)
+    clip_grad_norm: float = 0.0         # max L2 norm of all grads, 0 = off (official FRCNN: off;
+                                        # AdaMixer 1.0)
+    amp: bool = False                   # autocast (CUDA bf16/fp16, CPU bf16 only); official: fp32
+                                        # (no fp16 key in the config or its bases)
+    amp_dtype: str = "float16"          # "float16" (with GradScaler) or "bfloat16" (no scaling)
+    log_every: int = 50                 # steps between log.jsonl lines (mmdet log interval 50)
+    eval_every: int = 6736              # steps between evaluations, 0 = only at the end (official:
+                                        # after every epoch)
+    ckpt_every: int = 2000              # steps between checkpoints (always one at the end)
     resume: bool = True                 # continue from runs/<name>/ckpt.pth when it exists
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16                # images per forward at test time
+    batch_size: int = 8                 # images per forward at test time
     max_images: int = 0                 # evaluate only the first N val images, 0 = all
     vis_score_thresh: float = 0.3       # evaluate.py --images: draw detections with score >= this
 
@@ -283,11 +394,17 @@ class Config:
     clip_pretrain: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    adamixer: AdaMixerConfig = field(default_factory=AdaMixerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def class_names(cfg: Config) -> list[str]:
+    """The vocabulary in class-id order: base classes (ids 0..B-1), then novel ones (METHOD 8.1)."""
+    return cfg.data.base_classes + cfg.data.novel_classes
 
 
 # ----------------------------------------------------------------------------------------------

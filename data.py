@@ -71,26 +71,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from pycocotools.coco import COCO
 
-# ----------------------------------------------------------------------------------------------
-# The OV-COCO split (METHOD 8.1; official tools/get_ov_coco_annotations.py): (name, original COCO id).
-# New category ids are the positions in OV_COCO_BASE + OV_COCO_NOVEL: base 0..47, novel 48..64.
-# ----------------------------------------------------------------------------------------------
-OV_COCO_BASE: list[tuple[str, int]] = [
-    ("person", 1), ("bicycle", 2), ("car", 3), ("motorcycle", 4), ("train", 7), ("truck", 8),
-    ("boat", 9), ("bench", 15), ("bird", 16), ("horse", 19), ("sheep", 20), ("bear", 23),
-    ("zebra", 24), ("giraffe", 25), ("backpack", 27), ("handbag", 31), ("suitcase", 33),
-    ("frisbee", 34), ("skis", 35), ("kite", 38), ("surfboard", 42), ("bottle", 44), ("fork", 48),
-    ("spoon", 50), ("bowl", 51), ("banana", 52), ("apple", 53), ("sandwich", 54), ("orange", 55),
-    ("broccoli", 56), ("carrot", 57), ("pizza", 59), ("donut", 60), ("chair", 62), ("bed", 65),
-    ("toilet", 70), ("tv", 72), ("laptop", 73), ("mouse", 74), ("remote", 75), ("microwave", 78),
-    ("oven", 79), ("toaster", 80), ("refrigerator", 82), ("book", 84), ("clock", 85), ("vase", 86),
-    ("toothbrush", 90),
-]
-OV_COCO_NOVEL: list[tuple[str, int]] = [
-    ("airplane", 5), ("bus", 6), ("cat", 17), ("dog", 18), ("cow", 21), ("elephant", 22),
-    ("umbrella", 28), ("tie", 32), ("snowboard", 36), ("skateboard", 41), ("cup", 47), ("knife", 49),
-    ("cake", 61), ("couch", 63), ("keyboard", 76), ("sink", 81), ("scissors", 87),
-]
+import config
+from config import OV_COCO_BASE, OV_COCO_NOVEL  # the OV-COCO split (METHOD 8.1): (name, COCO id)
+
 
 KNOWLEDGE_KEYS = ("image_emb", "gt_ann_ids", "gt_emb", "pseudo_boxes", "pseudo_img_emb",
                   "pseudo_txt_emb", "pseudo_weight")
@@ -401,7 +384,7 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
     return OVDetectionDataset(
         image_dir=image_dir,
         ann_file=ann_file,
-        class_names=d.base_classes + d.novel_classes,
+        class_names=config.class_names(cfg),
         num_base_classes=len(d.base_classes),
         transforms=build_transforms(cfg, train),
         train=train,

@@ -48,7 +48,7 @@ def main():
     cfg = config.config_from_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dim = 128
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    names = config.class_names(cfg)
     text = F.normalize(torch.randn(len(names), dim, generator=torch.Generator().manual_seed(1)), dim=1)
     model = hdovd.build_hdovd(cfg, text).to(device).train()
     weights = hdovd.loss_weights(cfg)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+import config
+
 _WORD = re.compile(r"[a-z0-9]+")  # "man's" -> "man", "s"; "hot-dog" -> "hot", "dog"
 
 
@@ -105,7 +107,7 @@ def build_noun_matcher(cfg) -> NounMatcher:
     """teacher.noun_vocab, or the class names (base + novel) when it is empty."""
     if cfg.teacher.noun_vocab:
         return NounMatcher(read_noun_vocab(cfg.teacher.noun_vocab))
-    return NounMatcher([[n] for n in cfg.data.base_classes + cfg.data.novel_classes])
+    return NounMatcher([[n] for n in config.class_names(cfg)])
 
 
 def caption_nouns(cfg, matcher: NounMatcher) -> dict[int, list[str]]:

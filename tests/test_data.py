@@ -214,14 +214,14 @@ def test_missing_categories_are_named(tmp_path):
 
 
 def test_missing_root_says_which_command_builds_it(tmp_path):
-    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}"])
+    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", "data.dataset=shapes_ov"])
     with pytest.raises(data.DataError, match=r"absent.*python -m shapes_ov --config config\.yaml"):
         data.build_dataset(cfg, "train")
     cfg = load_config(None, [f"data.root={tmp_path / 'coco'}", "data.dataset=coco"])
     with pytest.raises(data.DataError, match=r"coco.*python data\.py ov-coco --coco-root"):
         data.build_dataset(cfg, "val")
     (tmp_path / "absent").mkdir()
-    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}"])
+    cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", "data.dataset=shapes_ov"])
     with pytest.raises(data.DataError, match=r"train.*not found.*python -m shapes_ov"):
         data.build_dataset(cfg, "train")
 

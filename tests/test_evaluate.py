@@ -137,9 +137,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
 def test_checkpoint_that_does_not_fit_its_config(tmp_path):
     import config
     import hdovd
+    from conftest import REPO
 
-    cfg = config.load_config(None)
-    names = cfg.data.base_classes + cfg.data.novel_classes
+    cfg = config.load_config(REPO / "config.yaml")  # ResNet-18 from scratch: no weights file
+    names = config.class_names(cfg)
     model = hdovd.build_hdovd(cfg, class_embeddings=torch.randn(len(names), 32))
     state = model.state_dict()
     state.pop(next(k for k in state if k.endswith("weight")))  # a weight the model expects

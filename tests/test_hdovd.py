@@ -61,7 +61,7 @@ def unit(*shape, seed: int) -> torch.Tensor:
 
 
 # GT boxes (xyxy, 128 px) with base labels, and pseudo boxes in empty corners; the last pseudo box of
-# each image is too small (sides 6 px ≤ model.pseudo_min_side 8) and must be dropped.
+# each image is too small (sides 6 px ≤ model.pseudo_min_side_px 8) and must be dropped.
 SCENES = [
     ([[10.0, 12.0, 50.0, 60.0], [70.0, 64.0, 118.0, 104.0]], [0, 1],
      [[80.0, 8.0, 120.0, 40.0], [8.0, 80.0, 40.0, 120.0], [60.0, 2.0, 66.0, 8.0]]),
