@@ -18,10 +18,12 @@ Dataset contract (``OVDetectionDataset``, built from config by ``build_dataset``
     scale    float, nominal resize factor (resized / original). Boxes were scaled per axis by size/orig_size
              (the pixel grid is rounded, as in mmdet's keep-ratio Resize), so map back with size/orig_size.
     flipped  bool
-    knowledge  dict, only when ``knowledge_dir`` is given (below), moved with the image.
+    knowledge  dict, only when ``knowledge_dir`` or ``official_resources`` is given (below), moved with
+             the image.
 * Box filtering (done once in ``__init__``): boxes are clipped to the image (torchvision's
-  references/detection/coco_utils.py), those with a clipped side < ``min_box_side`` original pixels are
-  dropped and counted in ``num_dropped_boxes`` (mmdet ``_parse_ann_info`` drops ``w < 1 or h < 1``);
+  references/detection/coco_utils.py), those with a clipped side < ``min_box_side`` original pixels or
+  an ``area`` <= 0 are dropped and counted in ``num_dropped_boxes`` (mmdet ``_parse_ann_info`` drops
+  ``w < 1 or h < 1`` and ``area <= 0``, so every kept box has an official embedding row);
   ``iscrowd`` boxes are never returned (counted in ``num_crowd_boxes``): training ignores them and
   COCOeval reads crowd regions from the GT file itself. With ``skip_images_without_base`` images with no
   remaining base box are left out of ``ids`` (mmdet ``filter_empty_gt``).
@@ -41,6 +43,8 @@ P = pseudo boxes, P may be 0; all embeddings L2-normalised):
 ``target["knowledge"]`` then holds float32 ``image_emb`` [D], ``gt_emb`` [R, D] (row r belongs to
 ``target["boxes"][r]``, matched by annotation id), ``pseudo_boxes`` [P, 4] (same resized/flipped frame as
 ``target["boxes"]``), ``pseudo_img_emb`` [P, D], ``pseudo_txt_emb`` [P, D], ``pseudo_weight`` [P].
+With ``official_resources`` (config ``teacher.official_resources``) the same dict is read from the
+official HD-OVD files instead, by knowledge/official.py (their layout and alignment: its docstring).
 
 OV-COCO builder: ``python data.py ov-coco --coco-root dataset/coco [--out-dir DIR] [--force]`` (METHOD 8.2).
 
@@ -73,6 +77,7 @@ from pycocotools.coco import COCO
 
 import config
 from config import OV_COCO_BASE, OV_COCO_NOVEL  # the OV-COCO split (METHOD 8.1): (name, COCO id)
+from knowledge import official  # the official HD-OVD files (teacher.official_resources)
 
 
 KNOWLEDGE_KEYS = ("image_emb", "gt_ann_ids", "gt_emb", "pseudo_boxes", "pseudo_img_emb",
@@ -139,14 +144,21 @@ class Resize:
     def __call__(self, image: Image.Image, target: dict):
         w, h = image.size
         scale = min(self.min_size / min(w, h), self.max_size / max(w, h))
-        # mmdet rescale_size rounds each side: int(x * scale + 0.5)
-        new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+        rw, rh = resize_ratios(w, h, self.min_size, self.max_size)
+        new_w, new_h = round(w * rw), round(h * rh)
         image = TF.resize(image, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR)
         # per-axis ratios so that boxes stay on the rounded pixel grid (mmdet scale_factor [w,h,w,h])
-        ratio = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+        ratio = torch.tensor([rw, rh, rw, rh])
         target = _map_boxes(target, lambda b: b * ratio)
         target.update(size=torch.tensor([new_h, new_w]), scale=target.get("scale", 1.0) * scale)
         return image, target
+
+
+def resize_ratios(width: int, height: int, min_size: int, max_size: int) -> tuple[float, float]:
+    """(new_w / w, new_h / h) of ``Resize``: original px times these = resized px (per axis)."""
+    scale = min(min_size / min(width, height), max_size / max(width, height))
+    # mmdet rescale_size rounds each side: int(x * scale + 0.5)
+    return int(width * scale + 0.5) / width, int(height * scale + 0.5) / height
 
 
 class RandomHorizontalFlip:
@@ -221,7 +233,7 @@ class OVDetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, image_dir, ann_file, class_names: list[str], num_base_classes: int, transforms,
                  train: bool, knowledge_dir: str | None = None, min_box_side: float = 1.0,
-                 skip_images_without_base: bool = False):
+                 skip_images_without_base: bool = False, official_resources: str | None = None):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         self.class_names, self.num_base_classes = list(class_names), num_base_classes
         self.transforms, self.train = transforms, train
@@ -268,7 +280,7 @@ class OVDetectionDataset(torch.utils.data.Dataset):
                 x, y, w, h = ann["bbox"]
                 x1, y1 = min(max(x, 0.0), info["width"]), min(max(y, 0.0), info["height"])
                 x2, y2 = min(max(x + w, 0.0), info["width"]), min(max(y + h, 0.0), info["height"])
-                if x2 - x1 < min_box_side or y2 - y1 < min_box_side:
+                if x2 - x1 < min_box_side or y2 - y1 < min_box_side or ann.get("area", 1) <= 0:
                     self.num_dropped_boxes += 1
                     continue
                 ids.append(ann["id"])
@@ -281,6 +293,10 @@ class OVDetectionDataset(torch.utils.data.Dataset):
             self._anns[img_id] = (np.array(ids, dtype=np.int64),
                                   np.array(boxes, dtype=np.float32).reshape(-1, 4),  # (R, 4)
                                   np.array(labels, dtype=np.int64))
+        # the official HD-OVD files instead of knowledge_dir: checked here, read per image
+        self.official = (official.OfficialKnowledge(official_resources, self.coco, self.ann_file,
+                                                    [self.coco.imgs[i] for i in self.ids])
+                         if official_resources else None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -307,7 +323,9 @@ class OVDetectionDataset(torch.utils.data.Dataset):
             "scale": 1.0,
             "flipped": False,
         }
-        if self.knowledge_dir is not None:
+        if self.official is not None:
+            target["knowledge"] = self.official.read(info, target["ann_ids"])
+        elif self.knowledge_dir is not None:
             target["knowledge"] = self._load_knowledge(info, target["ann_ids"])
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -367,7 +385,10 @@ def split_paths(cfg, split: str) -> tuple[Path, Path]:
 
 
 def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetectionDataset:
-    """The ``train`` (base boxes, flip, optional knowledge) or ``val`` (all classes) dataset of cfg.data."""
+    """The ``train`` (base boxes, flip, optional knowledge) or ``val`` (all classes) dataset of cfg.data.
+
+    The knowledge comes from ``<data.root>/<data.knowledge_dir>`` (knowledge/extract.py), or from the
+    official files when ``teacher.official_resources`` is set (knowledge/official.py)."""
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -381,6 +402,7 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
     for path, what in ((image_dir, "image folder"), (ann_file, "annotation file")):
         if not path.exists():
             raise _missing(path, what, d.dataset, root)
+    official_dir = cfg.teacher.official_resources
     return OVDetectionDataset(
         image_dir=image_dir,
         ann_file=ann_file,
@@ -388,9 +410,10 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
         num_base_classes=len(d.base_classes),
         transforms=build_transforms(cfg, train),
         train=train,
-        knowledge_dir=str(knowledge_dir(cfg)) if knowledge else None,
+        knowledge_dir=str(knowledge_dir(cfg)) if knowledge and not official_dir else None,
         min_box_side=d.min_box_side,
         skip_images_without_base=train and d.skip_images_without_base,
+        official_resources=official_dir if knowledge else None,
     )
 
 

@@ -33,9 +33,17 @@ Letters: B images, T targets, R RoIs, C classes, D embedding width (CLIP's), F b
 Deviations from the official code
 * Box regression loss is L1 on the torchvision-encoded deltas (weights 10,10,5,5 ≙ stds .1,.1,.2,.2)
   as in mmdet; torchvision's RPN keeps its smooth-L1 (β=1/9) for the RPN boxes.
-* RoIAlign uses sampling_ratio 2 (torchvision default; mmdet uses 0 = adaptive).
+* RoIAlign uses sampling_ratio 2 (torchvision default; mmdet uses 0 = adaptive, which costs more
+  samples on large RoIs). It is mmcv's ``aligned=True`` and mmdet's level mapping (``LevelRoIAlign``;
+  torchvision's MultiScaleRoIAlign has no ``aligned`` switch and would shift every RoI by half a
+  feature cell).
+* The RPN is torchvision's: a GT box's best anchors are positive at any IoU (mmdet: at IoU >= 0.3,
+  ``min_pos_iou``), and its box loss is smooth-L1 (beta 1/9) instead of mmdet's L1. Both change
+  only how a few anchors are weighted; kept to reuse torchvision's RPN whole.
 * On Shapes-OV the backbone is a small ResNet from scratch with trainable BatchNorm (no ImageNet
-  weights exist offline); with weights on disk it is the official frozen-stem, frozen-BN ResNet-50.
+  weights exist offline). With weights on disk it is the official ResNet-50: stem and stage 1
+  frozen, BatchNorm statistics frozen but gamma/beta of stages 2-4 trained (mmdet
+  ``norm_eval=True``, ``norm_cfg.requires_grad=True``; ``FrozenStatsBatchNorm2d``).
 """
 from __future__ import annotations
 
@@ -51,32 +59,48 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, misc as misc_ops, roi_align
+from torchvision.ops import boxes as box_ops, roi_align
 
 
 # ----------------------------------------------------------------------------------------------
 # Backbone + FPN
 # ----------------------------------------------------------------------------------------------
 
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises with its stored (ImageNet) statistics but trains gamma and beta.
+
+    mmdet ResNet ``norm_eval=True`` with ``norm_cfg=dict(type='BN', requires_grad=True)`` (official
+    backbone): ``train()`` keeps it in eval mode, so ``model.train()`` never switches it to batch
+    statistics nor updates running_mean/var, while weight and bias stay Parameters (and are
+    weight-decayed with the rest, as the official optimizer does). Batches of 4 images per GPU are
+    too small for batch statistics, which is why the official config freezes them.
+    """
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
 def build_backbone(name: str, weights_path: str, trainable_layers: int, returned_layers: list[int],
-                   fpn_channels: int) -> BackboneWithFPN:
+                   fpn_channels: int, section: str = "model") -> BackboneWithFPN:
     """ResNet + FPN with a max-pooled extra level (mmdet `add_extra_convs=False`, METHOD §2.1).
 
     ``weights_path`` "" trains from scratch with ordinary BatchNorm (Shapes-OV). Otherwise the file is a
     torchvision ImageNet state dict (e.g. ``resnet50-0676ba61.pth``, METHOD §11), loaded into a ResNet
-    with frozen BatchNorm, and only the last ``trainable_layers`` stages train (official: frozen_stages=1
-    → trainable_layers=3 for ResNet-50 + FPN).
+    whose BatchNorm keeps the file's statistics (``FrozenStatsBatchNorm2d``), and only the last
+    ``trainable_layers`` stages train, BatchNorm gamma/beta included (official: frozen_stages=1 →
+    trainable_layers=3 for ResNet-50 + FPN). Also the backbone of knowledge/proposals.py; errors
+    name the keys of config ``section``.
     """
     if not hasattr(resnet, name):
-        raise ValueError(f"model.backbone '{name}' is not a torchvision ResNet (resnet18, resnet50, ...)")
+        raise ValueError(f"{section}.backbone '{name}' is not a torchvision ResNet (resnet18, resnet50, ...)")
     if weights_path:
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"model.backbone_weights '{path}' not found. Download the torchvision ImageNet weights "
+                f"{section}.backbone_weights '{path}' not found. Download the torchvision ImageNet weights "
                 f"for {name} (e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth) to that path, "
-                f"or set model.backbone_weights='' to train from scratch.")
-        body = getattr(resnet, name)(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+                f"or set {section}.backbone_weights='' to train from scratch.")
+        body = getattr(resnet, name)(weights=None, norm_layer=FrozenStatsBatchNorm2d)
         body.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         for pname, p in body.named_parameters():
@@ -106,7 +130,9 @@ class OpenVocabClassifier(nn.Module):
     def __init__(self, embed_dim: int, tau: float):
         super().__init__()
         self.tau = tau
-        self.bg_embedding = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5)
+        # N(0, 1) as nn.Embedding's init (norm ~sqrt(D), 22.6 at D = 512): the cosine ignores the
+        # norm, but an SGD step turns t_bg by ~lr * grad / norm^2, so the scale sets its pace
+        self.bg_embedding = nn.Parameter(torch.randn(embed_dim))
 
     def forward(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         classes = torch.cat([text.to(emb.dtype), self.bg_embedding[None].to(emb.dtype)])  # (C+1, D)
@@ -134,7 +160,8 @@ class ImageEmbeddingHead(nn.Module):
     """H3 student (METHOD §5): fuse the FPN levels at the coarsest stride, RoIAlign the whole image.
 
     ``F = P_last + Σ_l resize(P_l → size of P_last)``; RoIAlign of (0, 0, w, h) at that stride → 7×7
-    (sampling ratio 2) → mean over the 49 cells → LayerNorm → Linear(C_fpn → D). Output [B, D], raw.
+    (sampling ratio 2, mmcv ``aligned=True``) → mean over the 49 cells → LayerNorm → Linear(C_fpn → D).
+    Output [B, D], raw.
     """
 
     def __init__(self, fpn_channels: int, embed_dim: int, level_names: list[str], stride: int):
@@ -151,8 +178,41 @@ class ImageEmbeddingHead(nn.Module):
         whole = torch.tensor([[i, 0, 0, w, h] for i, (h, w) in enumerate(image_sizes)],
                              dtype=fused.dtype, device=fused.device)  # (B, 5) batch index + xyxy
         cells = roi_align(fused, whole, output_size=7, spatial_scale=1.0 / self.stride,
-                          sampling_ratio=2, aligned=False)  # (B, C_fpn, 7, 7)
+                          sampling_ratio=2, aligned=True)  # (B, C_fpn, 7, 7)
         return self.proj(self.norm(cells.mean(dim=(2, 3))))  # (B, D)
+
+
+class LevelRoIAlign(nn.Module):
+    """RoIAlign of each box on the FPN level of its scale (mmdet SingleRoIExtractor + mmcv RoIAlign).
+
+    A w×h box goes to level ``clamp(floor(log2(sqrt(w·h) / 56 + 1e-6)), 0, L-1)`` (mmdet
+    ``map_roi_levels``, finest_scale 56 on a stride-4 first level: torchvision's LevelMapper rule,
+    224 px at level 4) and is pooled to ``output_size``² with ``aligned=True`` (mmcv's default:
+    samples at pixel centres, i.e. box coordinates shifted by -0.5 feature pixels).
+    ``forward(features {name: [B, C, h, w]}, boxes B x [N_i, 4] xyxy) -> [R, C, S, S]``, R = ΣN_i
+    in batch order.
+    """
+
+    def __init__(self, level_names: list[str], strides: list[int], output_size: int = 7,
+                 sampling_ratio: int = 2, finest_scale: float = 56.0):
+        super().__init__()
+        self.level_names, self.strides = level_names, strides
+        self.output_size, self.sampling_ratio, self.finest_scale = output_size, sampling_ratio, finest_scale
+
+    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1)
+                          for i, b in enumerate(boxes)])  # (R, 5) batch index + xyxy
+        scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()  # (R,)
+        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
+        levels = levels.clamp(0, len(self.level_names) - 1).long()
+        first = features[self.level_names[0]]
+        out = first.new_zeros(len(rois), first.shape[1], self.output_size, self.output_size)
+        for level, (name, stride) in enumerate(zip(self.level_names, self.strides)):
+            idx = torch.where(levels == level)[0]
+            if len(idx):  # autocast may give levels different dtypes: cast into `out`'s
+                out[idx] = roi_align(features[name], rois[idx], self.output_size, 1.0 / stride,
+                                     self.sampling_ratio, aligned=True).to(out.dtype)
+        return out  # (R, C, S, S)
 
 
 class OVBoxHead(nn.Module):
@@ -201,7 +261,7 @@ class FasterRCNNOV(nn.Module):
     switch (pseudo boxes: METHOD §7 "label 48+k, bbox weight 0").
     """
 
-    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_pool: MultiScaleRoIAlign,
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_pool: LevelRoIAlign,
                  box_head: OVBoxHead, image_head: ImageEmbeddingHead, roi_fg_iou: float,
                  roi_batch_size: int, roi_positive_fraction: float):
         super().__init__()
@@ -217,8 +277,8 @@ class FasterRCNNOV(nn.Module):
         batch = batch_images(images)
         return batch, self.backbone(batch.tensors)  # features: OrderedDict level -> [B, C, h, w]
 
-    def embed_rois(self, features, boxes: list[torch.Tensor], image_sizes):
-        roi_feats = self.roi_pool(features, boxes, image_sizes)  # (R, C_fpn, 7, 7)
+    def embed_rois(self, features, boxes: list[torch.Tensor]):
+        roi_feats = self.roi_pool(features, boxes)  # (R, C_fpn, 7, 7)
         return self.box_head(roi_feats)
 
     def sample_rois(self, proposals: list[torch.Tensor], roi_targets: list[dict]):
@@ -267,7 +327,7 @@ class FasterRCNNOV(nn.Module):
         sizes = batch.image_sizes
         proposals, rpn_losses = self.rpn(batch, features, rpn_targets)
         boxes, fields, num_targets = self.sample_rois([p.detach() for p in proposals], roi_targets)
-        text_emb, vis_emb, deltas = self.embed_rois(features, boxes, sizes)
+        text_emb, vis_emb, deltas = self.embed_rois(features, boxes)
         return {"loss_rpn_objectness": rpn_losses["loss_objectness"],
                 "loss_rpn_box": rpn_losses["loss_rpn_box_reg"], **fields, "num_targets": num_targets,
                 "roi_text_emb": text_emb, "roi_vis_emb": vis_emb, "roi_deltas": deltas,
@@ -282,7 +342,7 @@ class FasterRCNNOV(nn.Module):
         batch, features = self.extract_features(images)
         sizes = batch.image_sizes
         proposals, _ = self.rpn(batch, features)
-        text_emb, vis_emb, deltas = self.embed_rois(features, proposals, sizes)
+        text_emb, vis_emb, deltas = self.embed_rois(features, proposals)
         decoded = self.box_coder.decode_single(deltas, torch.cat(proposals))  # (R, 4)
         per_image = decoded.split([len(b) for b in proposals])
         return {"proposals": proposals, "roi_text_emb": text_emb, "roi_vis_emb": vis_emb,
@@ -310,9 +370,9 @@ def build_faster_rcnn(cfg, embed_dim: int) -> FasterRCNNOV:
         post_nms_top_n=dict(training=m.rpn_post_nms_train, testing=m.rpn_post_nms_test),
         nms_thresh=m.rpn_nms_iou)
     level_names = [str(i) for i in range(len(m.returned_layers))]  # FPN outputs except "pool"
-    roi_pool = MultiScaleRoIAlign(level_names, output_size=7, sampling_ratio=2)
+    strides = [4 * 2 ** (k - 1) for k in m.returned_layers]  # layer1 is stride 4, each next stage x2
+    roi_pool = LevelRoIAlign(level_names, strides, output_size=7, sampling_ratio=2)
     box_head = OVBoxHead(m.fpn_channels * 7 * 7, m.representation_size, embed_dim)
-    top_stride = 4 * 2 ** (m.returned_layers[-1] - 1)  # layer1 is stride 4, each next stage x2
-    image_head = ImageEmbeddingHead(m.fpn_channels, embed_dim, level_names, top_stride)
+    image_head = ImageEmbeddingHead(m.fpn_channels, embed_dim, level_names, strides[-1])
     return FasterRCNNOV(backbone, rpn, roi_pool, box_head, image_head, m.roi_fg_iou,
                         m.roi_batch_size, m.roi_positive_fraction)

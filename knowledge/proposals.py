@@ -1,9 +1,17 @@
 """Class-agnostic proposals (pseudo boxes, METHOD 1.2): a network trained on base boxes only.
 
 HD-OVD reads ``coco_proposal_train_object_centric.pkl``, most likely the MAVL class-agnostic
-proposals of object-centric-ovd (top 5 after NMS 0.5). MAVL is a large text-conditioned detector;
-here a small network is trained on the base boxes instead (knowledge/extract.py calls it), and an external
-pickle in the MAVL format is accepted too (``load_proposal_file``).
+proposals of object-centric-ovd (top 5 after NMS 0.5). MAVL is a large text-conditioned detector.
+Sources, preferred first: the official resources read as they are (``teacher.official_resources``,
+knowledge/official.py: no network, no CLIP); an external pickle in the MAVL format whose boxes get
+the project's CLIP knowledge (``teacher.proposals_file``, ``load_proposal_file``); or the network
+below, trained here on the base boxes (knowledge/extract.py calls it).
+
+Two backbones (``teacher.proposals.backbone``): on OV-COCO an ImageNet ResNet-50 + FPN-256 from
+the torchvision weights file the detector also uses, with frozen stem, stage 1 and BatchNorm
+statistics (detector.build_backbone), trained with SGD at OLN's scale (8 epochs of the base-box
+images, lr 0.02 at 16 images, linearly scaled, 500 warm-up steps); on Shapes-OV (config.yaml), where
+no ImageNet weights exist offline, a small BasicBlock ResNet from scratch with AdamW.
 
 The danger of training on base boxes only: novel objects sit unannotated in the training images,
 so a standard RPN samples them as background and learns to suppress them. None of the modes below
@@ -36,9 +44,12 @@ Boxes are xyxy pixels; ``_orig`` names mean original image pixels.
 
 References: torchvision.models.detection (rpn.py, backbone_utils.py, _utils.BoxCoder);
 OLN configs (oln_rpn: pos IoU 0.3, 256 positive-only samples, L1 on centerness).
+OLN-Box configs (ImageNet R50, SGD 0.02 at 16 images, 8 epochs, warm-up 500, decay at epochs 6, 7).
 Deviations: OLN's second stage (OLN-Box, IoU-regressing RoI head) is replaced by the "iou" mode
-above, the box loss is torchvision's smooth L1 on deltas instead of an IoU loss, and the network
-is a small ResNet (BasicBlocks, ``backbone_blocks``) + FPN from scratch (OLN: ImageNet ResNet-50).
+above, the box loss is torchvision's smooth L1 on deltas instead of an IoU loss, the learning rate
+decays by a cosine instead of steps, and FPN levels start at stride 8 (no P2: proposals are >= 32
+px objects). The ResNet-50 setting has not been trained here (no COCO on the project's machines);
+the Shapes-OV one is measured (LOG.md).
 """
 from __future__ import annotations
 
@@ -61,7 +72,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import data
-from detector import batch_images
+from detector import batch_images, build_backbone
 
 RETURNED_LAYERS = [2, 3, 4]  # ResNet stages -> FPN levels at strides 8, 16, 32 (+ max-pool 64)
 BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision RPN BoxCoder weights
@@ -75,14 +86,18 @@ class ProposalNet(nn.Module):
         if len(pcfg.anchor_sizes) != len(RETURNED_LAYERS) + 1:
             raise ValueError(f"teacher.proposals.anchor_sizes needs {len(RETURNED_LAYERS) + 1} "
                              f"sizes (one per FPN level), got {pcfg.anchor_sizes}")
-        # torchvision's ResNet with BasicBlocks, from scratch (trainable BatchNorm); [2,2,2,2] is
-        # ResNet-18, the default [1,1,1,1] has half its cost, which 2 CPU cores need
-        body = resnet.ResNet(resnet.BasicBlock, list(pcfg.backbone_blocks))
-        stage2 = body.inplanes // 8  # channels of layer1 (torchvision resnet_fpn_backbone)
-        self.backbone = BackboneWithFPN(
-            body, {f"layer{k}": str(i) for i, k in enumerate(RETURNED_LAYERS)},
-            [stage2 * 2 ** (k - 1) for k in RETURNED_LAYERS], pcfg.fpn_channels,
-            extra_blocks=LastLevelMaxPool())
+        if pcfg.backbone == "basic":
+            # torchvision's ResNet with BasicBlocks, from scratch (trainable BatchNorm); [2,2,2,2]
+            # is ResNet-18, [1,1,1,1] (Shapes-OV) has half its cost, which 2 CPU cores need
+            body = resnet.ResNet(resnet.BasicBlock, list(pcfg.backbone_blocks))
+            stage2 = body.inplanes // 8  # channels of layer1 (torchvision resnet_fpn_backbone)
+            self.backbone = BackboneWithFPN(
+                body, {f"layer{k}": str(i) for i, k in enumerate(RETURNED_LAYERS)},
+                [stage2 * 2 ** (k - 1) for k in RETURNED_LAYERS], pcfg.fpn_channels,
+                extra_blocks=LastLevelMaxPool())
+        else:  # a torchvision ResNet with ImageNet weights, frozen as the detector's (OLN: R50)
+            self.backbone = build_backbone(pcfg.backbone, pcfg.backbone_weights, 3, RETURNED_LAYERS,
+                                           pcfg.fpn_channels, "teacher.proposals")
         self.anchors = AnchorGenerator(tuple((s,) for s in pcfg.anchor_sizes),
                                        (tuple(pcfg.anchor_ratios),) * len(pcfg.anchor_sizes))
         self.head = RPNHead(pcfg.fpn_channels, len(pcfg.anchor_ratios))
@@ -103,6 +118,8 @@ def build_proposal_net(pcfg) -> ProposalNet:
     if pcfg.objectness not in ("oln", "iou", "rpn"):
         raise ValueError(f"teacher.proposals.objectness must be 'oln', 'iou' or 'rpn', got "
                          f"{pcfg.objectness!r}")
+    if pcfg.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"teacher.proposals.optimizer must be 'sgd' or 'adamw', got {pcfg.optimizer!r}")
     return ProposalNet(pcfg)
 
 
@@ -195,8 +212,12 @@ def train_proposal_net(cfg, device="cpu", log=print):
         dataset, batch_size=pcfg.batch_size, shuffle=True, drop_last=len(dataset) > pcfg.batch_size,
         num_workers=cfg.data.num_workers, collate_fn=data.collate,
         persistent_workers=cfg.data.num_workers > 0)
-    opt = torch.optim.AdamW(net.parameters(), lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
-    schedule = warmup_cosine(opt, 50, pcfg.max_steps)  # 50 warm-up steps: chosen here, short runs
+    params = [p for p in net.parameters() if p.requires_grad]  # not the frozen ImageNet stem
+    if pcfg.optimizer == "sgd":  # OLN / the official detectors: momentum 0.9, wd 1e-4
+        opt = torch.optim.SGD(params, lr=pcfg.lr, momentum=0.9, weight_decay=1e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
+    schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
     start, step, smooth = time.time(), 0, None
     while True:
         for images, targets in loader:

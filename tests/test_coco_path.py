@@ -75,6 +75,7 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     overrides = [
         f"data.root={tiny_coco}", f"teacher.clip_model={tiny_coco / 'clip.pt'}",
         f"model.backbone_weights={tiny_coco / 'resnet50.pth'}",
+        f"teacher.proposals.backbone_weights={tiny_coco / 'resnet50.pth'}",
         f"run.out_dir={tmp_path / 'runs'}", "data.min_size=128", "data.max_size=160",
         "data.num_workers=0", "teacher.proposals.max_steps=2", "teacher.proposals.batch_size=2",
         "teacher.calibration_images=4", "teacher.weight_a=1.3", "teacher.weight_mu=0.3",

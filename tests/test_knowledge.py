@@ -240,7 +240,8 @@ def test_centerness_and_recall():
 def test_quality_objectness_never_sees_unannotated_regions(mode):
     """oln/iou have no background class: anchors away from annotated boxes (where unannotated
     novel objects may sit) do not enter the objectness loss; the rpn baseline trains them to 0."""
-    pcfg = config.ProposalConfig(objectness=mode, pos_iou=0.3 if mode != "rpn" else 0.7)
+    pcfg = config.ProposalConfig(objectness=mode, pos_iou=0.3 if mode != "rpn" else 0.7,
+                                 backbone="basic")  # the small from-scratch net: no weights file
     net = proposals.build_proposal_net(pcfg)
     xy = torch.arange(0, 128, 8.0)
     anchors = torch.stack(torch.meshgrid(xy, xy, indexing="ij"), -1).reshape(-1, 2)
