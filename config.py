@@ -225,8 +225,9 @@ class TeacherConfig:
     box_batch_size: int = 64            # crops per CLIP forward; measured
     image_batch_size: int = 32          # images per extraction step (their boxes share forwards)
     num_pseudo_boxes: int = 5           # kept proposals per image (object-centric-ovd top 5; 1.2)
-    pseudo_min_side_orig_px: float = 32.0  # kept proposals need both sides > this, original px
-                                           # (METHOD 2.4: 32)
+    pseudo_min_side_px: float = 32.0    # kept proposals need both sides > this, in RESIZED px: the
+                                        # unit of the official filter (32 after the resize, METHOD
+                                        # 2.4, standard_roi_head.py), so all kept boxes are usable
     pseudo_nms_iou: float = 0.5         # class-agnostic NMS before the top-k (object-centric-ovd)
     pseudo_score_thresh: float = 0.0    # kept proposals need score >= this (official: 0, the top k
                                         # whatever their score)

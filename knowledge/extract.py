@@ -224,9 +224,9 @@ def run_proposals(net, cfg, split: str, indices, device) -> dict:
         padded = batch_images(images)
         batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)
-        min_side = [t.pseudo_min_side_orig_px * r[0].item() for r in ratios]  # original px -> resized px
+        # the net sees the detector's resized images: the size filter is in its (official) unit
         kept = proposals_lib.propose(net, batch.to(device), sizes, t.num_pseudo_boxes, t.pseudo_nms_iou,
-                                     min_side, t.proposals.pre_nms_top_n, t.proposals.amp,
+                                     t.pseudo_min_side_px, t.proposals.pre_nms_top_n, t.proposals.amp,
                                      t.pseudo_score_thresh)
         for tg, r, (boxes, scores) in zip(targets, ratios, kept):
             out[tg["image_id"]] = (boxes / r, scores)
@@ -279,8 +279,9 @@ def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
         stats["recall_split"] = "train (external proposals file; novel objects unlabelled there)"
         t = cfg.teacher
         ext = proposals_lib.load_proposal_file(t.proposals_file, train.coco, t.num_pseudo_boxes,
-                                               t.pseudo_nms_iou, t.pseudo_min_side_orig_px,
-                                               t.pseudo_score_thresh)
+                                               t.pseudo_nms_iou, t.pseudo_min_side_px,
+                                               t.pseudo_score_thresh,
+                                               (cfg.data.min_size, cfg.data.max_size))
         covered, total = proposals_lib.recall(ext, train.coco, set(train.label_to_cat_id[:nb]))
         stats.update(proposal_recall_base=covered / max(total, 1), proposal_recall_novel=None)
 
@@ -369,8 +370,9 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     net, net_info = None, {}
     if t.proposals_file:
         ext = proposals_lib.load_proposal_file(t.proposals_file, train.coco, t.num_pseudo_boxes,
-                                               t.pseudo_nms_iou, t.pseudo_min_side_orig_px,
-                                               t.pseudo_score_thresh)
+                                               t.pseudo_nms_iou, t.pseudo_min_side_px,
+                                               t.pseudo_score_thresh,
+                                               (cfg.data.min_size, cfg.data.max_size))
         props = {i: ext[train.ids[i]] for i in pending}
     else:
         net, net_info = _proposal_net(cfg, device, shard, force, log)

@@ -53,12 +53,10 @@ the Shapes-OV one is measured (LOG.md).
 """
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +71,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import data
 from detector import batch_images, build_backbone
+from knowledge.official import read_proposal_pkl
 
 RETURNED_LAYERS = [2, 3, 4]  # ResNet stages -> FPN levels at strides 8, 16, 32 (+ max-pool 64)
 BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # torchvision RPN BoxCoder weights
@@ -286,34 +285,32 @@ def propose(net, images, image_sizes, top_k: int, nms_iou: float, min_side, pre_
 
 
 def load_proposal_file(path, coco, top_k: int, nms_iou: float, min_side: float,
-                       score_thresh: float = 0.0) -> dict:
-    """{image id: boxes (k, 4) original px} from a MAVL-format pickle.
+                       score_thresh: float = 0.0, resize: tuple[int, int] | None = None) -> dict:
+    """{image id: boxes (k, 4) original px} from a MAVL-format pickle, for CLIP re-extraction.
 
     The pickle is a list aligned with ``coco.dataset["images"]`` (the order of
     instances_train2017.48.json), each an array (n, 4) or (n, 5) of xyxy original-pixel boxes
     with an optional score column; the same size filter, NMS, score threshold (when the file has
-    scores) and top-k as the network apply.
+    scores) and top-k as the network apply. ``min_side`` is in the pixels of the image resized by
+    ``resize`` = (data.min_size, data.max_size), the detector's frame and the official filter's
+    unit (None: original pixels). The official pickle read as it is, without this re-selection,
+    is knowledge/official.py's job (``teacher.official_resources``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher.proposals_file '{path}' not found (MAVL class-agnostic "
                                 f"proposals of object-centric-ovd, or leave it empty to train a "
                                 f"proposal network)")
-    with open(path, "rb") as f:
-        items = pickle.load(f)
     images = coco.dataset["images"]
-    if not isinstance(items, (list, tuple)) or len(items) != len(images):
-        got = f"{type(items).__name__} of length {len(items) if hasattr(items, '__len__') else '?'}"
-        raise ValueError(f"proposals file '{path}' must be a list with one array per image of the "
-                         f"train annotation file ({len(images)} images), got {got}")
+    items = read_proposal_pkl(path, len(images))
     out = {}
     for info, arr in zip(images, items):
-        arr = torch.as_tensor(np.asarray(arr, dtype=np.float32))
-        arr = arr.reshape(-1, arr.shape[-1] if arr.numel() else 4)              # (n, 4 or 5)
+        arr = torch.from_numpy(arr)                                              # (n, 4 or 5)
         boxes = arr[:, :4]
         scored = arr.shape[1] > 4
         scores = arr[:, 4] if scored else torch.linspace(1, 0, len(arr))  # else: file order
-        wh = boxes[:, 2:] - boxes[:, :2]
+        ratio = data.resize_ratios(info["width"], info["height"], *resize) if resize else (1.0, 1.0)
+        wh = (boxes[:, 2:] - boxes[:, :2]) * torch.tensor(ratio)                # (n, 2) resized px
         ok = (wh[:, 0] > min_side) & (wh[:, 1] > min_side)
         if scored:
             ok &= scores >= score_thresh

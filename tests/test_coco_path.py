@@ -83,7 +83,7 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
         "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=2",
         "model.rpn_pre_nms_train=300", "model.rpn_post_nms_train=100",
         "model.rpn_pre_nms_test=300", "model.rpn_post_nms_test=100", "model.roi_batch_size=64",
-        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_orig_px=4",
+        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_px=4",
     ]
     cfg = config.load_config(COCO_CONFIG, overrides)
     assert cfg.model.backbone == "resnet50" and cfg.teacher.upsample == 2  # the paper settings

@@ -64,7 +64,7 @@ def test_config_yaml_is_the_shapes_ov_world():
     assert cfg.data.dataset == "shapes_ov" and cfg.data.min_size == cfg.world.image_size == 128
     assert config.class_names(cfg)[-4:] == ["ring", "crescent", "rectangle", "trapezoid"]
     assert cfg.model.backbone == "resnet18" and cfg.train.optimizer == "adamw"
-    assert cfg.model.pseudo_box_regression and cfg.teacher.pseudo_min_side_orig_px == 5.0
+    assert cfg.model.pseudo_box_regression and cfg.teacher.pseudo_min_side_px == 5.0
 
 
 def test_class_names_are_base_then_novel():
@@ -100,7 +100,7 @@ def test_unknown_keys_name_the_key_and_list_the_valid_ones(tmp_path):
     with pytest.raises(config.ConfigError, match=r"unknown config section 'tran'; valid keys in "
                                                   r"'<root>': run, data, world"):
         config.load_config(None, ["tran.lr=1"])
-    with pytest.raises(config.ConfigError, match=r"'teacher\.pseudo_min_side'.*_orig_px"):
+    with pytest.raises(config.ConfigError, match=r"'teacher\.pseudo_min_side'.*pseudo_min_side_px"):
         config.load_config(None, ["teacher.pseudo_min_side=5"])  # the old name lists the new one
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  proposals:\n    max_steps: 3\n")

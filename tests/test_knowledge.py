@@ -79,7 +79,7 @@ def tiny_cfg(tmp_path, clip_path):
         "data.min_size=64", "data.max_size=64", "data.num_workers=0",
         f"teacher.clip_model={clip_path}", "teacher.image_batch_size=4", "teacher.box_batch_size=5",
         "teacher.weight_a=1.0", "teacher.weight_mu=0.2", "teacher.weight_sigma=0.05",
-        "teacher.pseudo_min_side_orig_px=2", "teacher.pseudo_score_thresh=0", "teacher.proposals.max_steps=2",
+        "teacher.pseudo_min_side_px=2", "teacher.pseudo_score_thresh=0", "teacher.proposals.max_steps=2",
         "teacher.proposals.batch_size=4", "teacher.proposals.fpn_channels=16",
         "teacher.proposals.anchor_sizes=[8,16,32,64]", "run.device=cpu"])
 
