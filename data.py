@@ -97,6 +97,16 @@ class DataError(ValueError):
     as one line instead of a traceback."""
 
 
+def error_line(e: BaseException) -> str:
+    """The message of ``e`` for a CLI's one-line error. An error raised inside a DataLoader worker
+    reaches the main process re-raised with the worker's whole traceback in its message; of that
+    the user needs the last line, the original error."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "data.DataError: <message>"
+    return text
+
+
 def _missing(path: Path, what: str, dataset: str | None = None, root="<coco-root>") -> DataError:
     """Error for a missing dataset file/folder, saying which command builds it."""
     advice = BUILD_ADVICE.get(dataset) or "; ".join(f"{k}: {v}" for k, v in BUILD_ADVICE.items())
@@ -168,7 +178,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image: Image.Image, target: dict):
-        if torch.rand(()) >= self.p:  # torch RNG: DataLoader seeds it per worker
+        if torch.rand(()) >= self.p:  # torch RNG: per sample (dataset[(i, seed)]) or per worker
             return image, target
         width = image.size[0]
 
@@ -305,7 +315,13 @@ class OVDetectionDataset(torch.utils.data.Dataset):
         """The COCO image record (id, file_name, width, height, ...) of sample ``i``."""
         return self.coco.imgs[self.ids[i]]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        """``i``: an index, or ``(index, seed)``. With a seed the random transforms (flip) draw from
+        a generator seeded with it instead of this process's torch RNG, so a sample's augmentation
+        does not depend on which DataLoader worker or DDP process loads it (train.py seeds each
+        sample from (run.seed, epoch, index): exact resume with workers, same flips for any number
+        of processes)."""
+        i, seed = i if isinstance(i, tuple) else (i, None)
         info = self.image_info(i)
         path = self.image_dir / info["file_name"]
         image = load_image(path)
@@ -328,7 +344,11 @@ class OVDetectionDataset(torch.utils.data.Dataset):
         elif self.knowledge_dir is not None:
             target["knowledge"] = self._load_knowledge(info, target["ann_ids"])
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            # fork_rng: the seed is used here only; the process's own stream continues untouched
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                image, target = self.transforms(image, target)
         return image, target
 
     def _load_knowledge(self, info: dict, ann_ids: torch.Tensor) -> dict:

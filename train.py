@@ -22,19 +22,27 @@ Contract
 * Writes ``<run.out_dir>/<run.name>/``: ``config.yaml`` (resolved), ``log.jsonl`` (one line per
   ``train.log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled,
   <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
-  "images_per_s", "eta_s"}``, averages over the steps since the last line, rank 0's values; and
-  one ``{"kind": "eval", "step", AP50_novel, ...}`` line per evaluation), ``ckpt.pth`` and
-  ``metrics.json`` (evaluate.py's metrics of the final model, percent).
+  "images_per_s", "eta_s"}``, averages over the steps since the last line; losses are means over
+  the ranks, the rest rank 0's; and one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
+  evaluation), ``ckpt.pth`` and ``metrics.json`` (evaluate.py's metrics of the final model,
+  percent). Only rank 0 writes files and shows progress. Every file is written atomically (a
+  kill never leaves half a file; log.jsonl is appended, and a torn last line is dropped on
+  resume). ``log.jsonl``'s ``ms_per_step``, ``images_per_s``, ``eta_s`` are measurements; every
+  other file and value is the same for the same config and seed (CPU, same thread count).
 * Checkpoint (STYLE §4.16; rank 0 only, written atomically via tmp file + os.replace):
   ``{"model": unwrapped state_dict, "optimizer", "scheduler", "scaler" (float16 AMP only),
   "step", "world_size", "config": config_to_dict(cfg), "metrics": last metrics or None,
-  "rng": [per-rank {"python", "numpy", "torch", "cuda"}]}``.
-* Resume (``train.resume``, default on): a run directory with ``ckpt.pth`` continues at its step
-  with the same LR, optimizer moments, RNG states and data order (same sampler epoch, the batches
-  already consumed in that epoch are skipped). Only ``run.name/out_dir/device``, ``eval.*``,
-  ``data.num_workers`` and the train-length keys (``train.max_steps``, ``milestones``,
-  ``log_every``, ``eval_every``, ``ckpt_every``, ``resume``) may differ from the checkpoint's
-  config; anything else is an error listing the keys.
+  "rng": [per-rank {"python", "numpy", "torch", "cuda"}], "rank_buffers": [per-rank model
+  buffers] under DDP (each rank's BatchNorm statistics, queues and EMA bank), else None}``.
+* Resume (``train.resume``, default on): a run directory with ``ckpt.pth`` (one file, always the
+  latest checkpoint) continues at its step with the same weights, buffers, LR, optimizer moments,
+  RNG states, data order (same sampler epoch, the batches already consumed in that epoch are
+  skipped) and augmentation (seeded per sample), for any ``data.num_workers``: a run killed at
+  any point and started again with the same command ends with the same weights and
+  ``metrics.json`` as one never interrupted (tests/test_reliability.py). Only
+  ``run.name/out_dir/device``, ``eval.*``, ``data.num_workers`` and the train-length keys
+  (``train.max_steps``, ``milestones``, ``log_every``, ``eval_every``, ``ckpt_every``,
+  ``resume``) may differ from the checkpoint's config; anything else is an error listing the keys.
 * The model API used (hdovd.py): ``build_hdovd(cfg)``, ``model(images, targets)`` → dict of
   unweighted scalars ``loss_*`` (summed with ``loss_weights(cfg)``) and ``stat_*`` (logged only);
   evaluation goes through ``evaluate.evaluate_model``.
@@ -49,10 +57,10 @@ Deviations
 ----------
 * Steps, not epochs: milestones and warm-up are given in optimizer steps (mmdet counts decay in
   epochs). Epochs only set the sampler's shuffling seed.
-* Logged losses are rank 0's (as nanoGPT); gradients are of course averaged over all ranks by DDP.
-* Exact resume of the data *order* holds for any ``data.num_workers``; augmentation randomness
-  (flips) is exactly reproduced after a mid-epoch resume only with ``data.num_workers=0`` (with
-  workers, the skipped batches shift which worker, hence which random stream, serves each batch).
+* N processes and one process with the same global batch see the same images with the same flips
+  in every step, but their losses differ slightly: BatchNorm statistics, the RPN/RoI samplers'
+  random streams and the distillation queues are per process (official: SyncBN on GPUs; torch
+  has no SyncBN on CPU). tests/test_reliability.py measures the difference.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -160,15 +169,24 @@ def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
 
 
 def save_checkpoint(path: Path, raw_model, optimizer, scheduler, scaler, step: int,
-                    world_size: int, cfg: config.Config, metrics: dict | None, rng: list) -> None:
+                    world_size: int, cfg: config.Config, metrics: dict | None, rng: list,
+                    rank_buffers: list | None = None) -> None:
     """The checkpoint of the contract above, written atomically (data.write_atomic): a crash
-    never leaves a half-written ckpt.pth."""
+    never leaves a half-written ckpt.pth. A failed write (a full disk: torch.save raises a
+    RuntimeError, plain writes an OSError) becomes an OSError saying the previous file is intact."""
     state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
              "step": step, "world_size": world_size, "config": config.config_to_dict(cfg),
-             "metrics": metrics, "rng": rng}
-    data.write_atomic(path, lambda tmp: torch.save(state, tmp))
+             "metrics": metrics, "rng": rng, "rank_buffers": rank_buffers}
+    try:
+        data.write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:
+        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"cannot write checkpoint '{path}' at step {step} ({e}; {free_mb:.0f} MB "
+                      f"free there). The previous checkpoint is intact: free disk space (or set "
+                      f"run.out_dir to another disk) and run the same command again, it resumes "
+                      f"from there") from None
 
 
 def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, scheduler, scaler,
@@ -184,6 +202,8 @@ def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, schedu
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank])
+        if ckpt.get("rank_buffers"):  # DDP: this rank's own BatchNorm statistics, queues, bank
+            raw_model.load_state_dict(ckpt["rank_buffers"][rank], strict=False)
     elif rank == 0:
         print(f"train.py: checkpoint was written by {len(ckpt['rng'])} processes, now "
               f"{world_size}: data order and random streams will not continue exactly")
@@ -213,13 +233,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def all_rng_states(ddp: bool, world_size: int) -> list[dict]:
-    """Every rank's random states, gathered (a collective: all ranks must call it)."""
+def all_rank_states(ddp: bool, world_size: int, raw_model) -> tuple[list[dict], list | None]:
+    """(every rank's random states, every rank's model buffers or None with one process),
+    gathered (a collective: all ranks must call it). Under DDP each process keeps its own buffers
+    (broadcast_buffers=False: BatchNorm statistics, the distillation queues and EMA bank), and
+    "model" holds rank 0's only, so the checkpoint keeps all of them for an exact resume."""
     if not ddp:
-        return [rng_state()]
+        return [rng_state()], None
+    names = {n for n, _ in raw_model.named_buffers()}
+    buffers = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items() if k in names}
     states = [None] * world_size
-    dist.all_gather_object(states, rng_state())
-    return states
+    dist.all_gather_object(states, (rng_state(), buffers))
+    return [s[0] for s in states], [s[1] for s in states]
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Fail at the start, not after hours of preparation, when the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data.write_atomic(run_dir / ".write_test", lambda tmp: tmp.write_text("ok"))
+        (run_dir / ".write_test").unlink()
+    except OSError as e:
+        raise config.ConfigError(f"run directory '{run_dir}' cannot be written ({e}); set "
+                                 f"run.out_dir to a writable folder (the run goes into "
+                                 f"<run.out_dir>/<run.name>)") from None
+
+
+def _parse(line: str) -> dict | None:
+    """One log.jsonl record, or None for a blank line or the torn last line of a killed run."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 class RunLog:
@@ -230,7 +275,7 @@ class RunLog:
     ``max_steps``) their window averages go out as one train line (and the tqdm bar moves), with ms per step measured
     over the window minus ``pause()``d time (evaluation, checkpoints). ``write(record)`` writes any
     other line (evaluations). Opened at a resumed ``step``, the lines a dead run logged after its last checkpoint
-    (steps that will now be redone) are dropped first.
+    (steps that will now be redone) and a line it was killed while writing are dropped first.
     """
 
     def __init__(self, run_dir: Path, step: int, master: bool, cfg: config.Config, world_size: int):
@@ -243,11 +288,12 @@ class RunLog:
         if not master:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump_config(cfg, run_dir / "config.yaml")  # the resolved config, beside the log
+        # the resolved config, beside the log
+        data.write_atomic(run_dir / "config.yaml", lambda tmp: config.dump_config(cfg, tmp))
         path = run_dir / "log.jsonl"
         if step > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
+            lines = path.read_text().splitlines()
+            kept = [l for l, r in zip(lines, map(_parse, lines)) if r is not None and r["step"] <= step]
             data.write_atomic(path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
         self.file = open(path, "a" if step > 0 else "w")
 
@@ -285,7 +331,17 @@ class RunLog:
 
 
 def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: RunLog) -> dict:
-    """evaluate.py's metrics of ``model`` at ``step`` (sharded over ranks), logged on rank 0."""
+    """evaluate.py's metrics of ``model`` at ``step`` (sharded over ranks), logged on rank 0.
+
+    Under DDP every rank first takes rank 0's BatchNorm statistics (mmdet DistEvalHook's
+    broadcast_bn_buffer): each rank keeps its own (broadcast_buffers=False), and the shards must
+    be scored by one model, the one the checkpoint holds, so that ``python evaluate.py ckpt.pth``
+    gives the same numbers."""
+    if dist.is_available() and dist.is_initialized():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                dist.broadcast(m.running_mean, 0)
+                dist.broadcast(m.running_var, 0)
     m, _ = evaluate.evaluate_model(model, val_set, device, cfg.eval.batch_size,
                                    num_workers=cfg.data.num_workers, max_images=cfg.eval.max_images)
     m = {"step": step, **m}
@@ -323,19 +379,27 @@ def batches(dataset, cfg: config.Config, rank: int, world_size: int, start_step:
     Each epoch is a DistributedSampler permutation (seed ``run.seed``, ``set_epoch(epoch)``; also
     used with one process so both paths shuffle alike), cut into ``batch_size`` batches per rank
     (drop_last). Resuming at step s starts in epoch s // steps_per_epoch and skips the batches of
-    that epoch already consumed, so the data order continues exactly.
+    that epoch already consumed, so the data order continues exactly. Each sample goes to the
+    dataset as ``(index, seed)`` with the seed drawn from (run.seed, epoch, index): its flip is
+    the same whichever worker or process loads it, so a resumed run with ``data.num_workers > 0``
+    and a run on N processes with the same global batch see the same augmented images.
     """
     bs = cfg.train.batch_size
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=cfg.run.seed, drop_last=True)
     steps_per_epoch = len(sampler) // bs
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of "
-                         f"train.batch_size={bs} x {world_size} processes; lower train.batch_size")
+        fit = len(dataset) // bs  # processes that get a full batch each
+        raise data.DataError(
+            f"the training set has {len(dataset)} images, fewer than one batch of "
+            f"train.batch_size={bs} for each of {world_size} processes; "
+            + (f"use at most --nproc_per_node={fit} or a smaller train.batch_size" if fit else
+               "use a smaller train.batch_size"))
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
         sampler.set_epoch(epoch)
-        indices = list(sampler)[skip * bs: steps_per_epoch * bs]
+        indices = [(i, int(np.random.SeedSequence([cfg.run.seed, epoch, i]).generate_state(1)[0]))
+                   for i in list(sampler)[skip * bs: steps_per_epoch * bs]]
         # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG,
         # which would make a resumed run's random stream differ from an uninterrupted one.
         gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch * 1_009 + rank)
@@ -388,6 +452,7 @@ def main(argv=None) -> dict | None:
     # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `python -m knowledge`
     # first (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
     if master:
+        check_run_dir(run_dir)  # now, not after the preparation
         prepare(cfg)
     if ddp:
         dist.barrier()
@@ -395,6 +460,15 @@ def main(argv=None) -> dict | None:
     # --- Data, model (DDP-wrapped), optimizer, schedule, AMP.
     train_set = data.build_dataset(cfg, "train", knowledge=True)
     val_set = data.build_dataset(cfg, "val", knowledge=False)
+    if len(train_set) == 0:
+        raise data.DataError(f"no image of '{train_set.ann_file}' has a usable base-class box "
+                             f"(data.skip_images_without_base left out all "
+                             f"{train_set.num_skipped_images}); check that data.base_classes "
+                             f"names the file's categories")
+    if master and (train_set.num_dropped_boxes or train_set.num_skipped_images):
+        print(f"train.py: '{train_set.ann_file}': {train_set.num_dropped_boxes} boxes dropped "
+              f"(a side under data.min_box_side px once clipped to the image, or area <= 0), "
+              f"{train_set.num_skipped_images} images without a base box left out")
     raw_model = model = hdovd.build_hdovd(cfg).to(device)
     if ddp:
         # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
@@ -416,12 +490,14 @@ def main(argv=None) -> dict | None:
     if step >= cfg.train.max_steps and metrics is not None and metrics.get("step") == step:
         if master:
             print(f"train.py: {ckpt_path} is already trained to step {step} and evaluated")
+            if not (run_dir / "metrics.json").is_file():  # killed just before writing it
+                evaluate.write_metrics(metrics, run_dir / "metrics.json")
         if ddp:
             dist.destroy_process_group()
         return metrics
     log = RunLog(run_dir, step, master, cfg, world_size)
-    save = lambda at_step, rng, m: master and save_checkpoint(  # noqa: E731
-        ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, rng)
+    save = lambda at_step, states, m: master and save_checkpoint(  # noqa: E731
+        ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, *states)
 
     # --- The loop: batch → forward → weighted sum → non-finite stop → backward → clip → step.
     data_iter = batches(train_set, cfg, rank, world_size, step, pin=device.type == "cuda")
@@ -436,12 +512,17 @@ def main(argv=None) -> dict | None:
             raise KeyError(f"no loss weight in cfg.loss for {sorted(set(losses) - set(weights))}")
         total = sum(weights[k] * v for k, v in losses.items())
 
-        # A non-finite loss on any rank stops every rank (a lone exit would hang the others in
-        # the next all-reduce). Nothing is saved: the last checkpoint stays the good one.
-        bad = torch.tensor(0.0 if torch.isfinite(total) else 1.0, device=device)
+        # One all-reduce gives every rank the mean of each loss over the ranks, which the log
+        # shows (DETR's reduce_dict: N processes log what one process with their global batch
+        # would), and stops every rank when any has a non-finite loss (a lone exit would hang the
+        # others in the next all-reduce). Nothing is saved then: the last checkpoint stays good.
+        names = sorted(weights)  # the same on every rank, whichever terms this batch produced
+        reduced = torch.stack([losses[k].detach() if k in losses else total.new_zeros(())
+                               for k in names] + [total.detach()])  # (len(names) + 1,)
         if ddp:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+            dist.all_reduce(reduced)
+            reduced /= world_size
+        if not torch.isfinite(reduced).all():
             print(f"[rank {rank}] step {step + 1}: total={total.item()} "
                   f"losses={ {k: v.item() for k, v in outputs.items()} }", file=sys.stderr)
             if ddp:
@@ -452,7 +533,9 @@ def main(argv=None) -> dict | None:
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        values = {k: v.item() for k, v in outputs.items()}  # loss_* and stat_*, unscaled
+        values = {k: v.item() for k, v in outputs.items()}  # stat_*: this rank's
+        mean = dict(zip(names + ["total"], reduced.tolist()))
+        values.update({k: mean[k] for k in losses})  # loss_*: mean over ranks, unscaled
         if cfg.train.clip_grad_norm > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
             values["grad_norm"] = torch.nn.utils.clip_grad_norm_(
@@ -462,8 +545,8 @@ def main(argv=None) -> dict | None:
         scheduler.step()
         step += 1
 
-        # --- Logging (rank 0's values), evaluation and checkpoints; their time is not step time.
-        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses}, total=total.item())
+        # --- Logging (on rank 0), evaluation and checkpoints; their time is not step time.
+        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses}, total=mean["total"])
         lr = scheduler.get_last_lr()[0]
         log.add(step, epoch, lr, values, {"max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
                 if device.type == "cuda" else None)
@@ -471,14 +554,15 @@ def main(argv=None) -> dict | None:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 metrics = run_evaluation(model, val_set, device, cfg, step, log)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
-                save(step, all_rng_states(ddp, world_size), metrics)
+                save(step, all_rank_states(ddp, world_size, raw_model), metrics)
 
     # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate. RNG states
-    # are taken before the evaluation draws any, so a longer resumed run continues exactly.
-    rng = all_rng_states(ddp, world_size)
-    save(step, rng, metrics)
+    # and rank buffers are taken before the evaluation changes any, so a longer resumed run
+    # continues exactly.
+    states = all_rank_states(ddp, world_size, raw_model)
+    save(step, states, metrics)
     metrics = run_evaluation(model, val_set, device, cfg, step, log)
-    save(step, rng, metrics)
+    save(step, states, metrics)
     log.close()
     if master:
         evaluate.write_metrics(metrics, run_dir / "metrics.json")
@@ -487,9 +571,14 @@ def main(argv=None) -> dict | None:
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> dict | None:
+    """``python train.py``: main() with the errors a user can fix (config, data, teacher, files,
+    disks) printed as one line that names the problem and the fix; exit status 1, no traceback."""
     try:
-        main()
-    except (config.ConfigError, data.DataError, clip_io.TeacherError, FileNotFoundError,
-            ValueError) as e:
-        sys.exit(f"train.py: error: {e}")
+        return main(argv)
+    except (config.ConfigError, data.DataError, clip_io.TeacherError, OSError, ValueError) as e:
+        sys.exit(f"train.py: error: {data.error_line(e)}")
+
+
+if __name__ == "__main__":
+    cli()
