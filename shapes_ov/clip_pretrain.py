@@ -45,7 +45,7 @@ import config as config_lib
 import data
 from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
-from shapes_ov.shapes import SPLITS, class_names_of, make_captions, parallel_map, render_scene
+from shapes_ov.shapes import SPLITS, make_captions, parallel_map, render_scene
 
 with warnings.catch_warnings():  # clip-anytorch imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
@@ -91,7 +91,7 @@ def _render_stream_job(job):
 def render_stream(cfg):
     """The pre-training pool: dict of uint8 tensors singles (N,n,n,3) / scenes (M,n,n,3),
     long single_labels (N,), and scene_captions (list of M str)."""
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     jobs = [(cfg.world, names, cfg.clip_pretrain, i) for i in range(cfg.clip_pretrain.num_scenes)]
     results = parallel_map(_render_stream_job, jobs, cfg.world.workers, "render teacher stream")
     results = [r for r in results if r[1]]  # a scene where nothing could be placed has no caption
@@ -163,7 +163,7 @@ def pretrain_clip(cfg, pool: dict):
 
     Returns (model, stats dict)."""
     pre = cfg.clip_pretrain
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     device = config_lib.resolve_device(cfg.run.device)
     if pre.threads > 0:
         torch.set_num_threads(pre.threads)
@@ -255,7 +255,7 @@ def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> d
     COCO file ``val_ann`` (images in ``val_images``)."""
     device = config_lib.resolve_device(cfg.run.device)
     model, preprocess = load_clip(str(clip_path), device)
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     num_base = len(cfg.data.base_classes)
     val = json.loads(Path(val_ann).read_text())
     files = {im["id"]: im["file_name"] for im in val["images"]}

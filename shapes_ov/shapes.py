@@ -31,11 +31,6 @@ SUPERSAMPLE = 4  # anti-aliasing: shapes are drawn at 4x and box-filtered down (
 SPLITS = {"train": 0, "val": 1, "stream": 2}  # seed namespaces: stream scenes never equal val ones
 
 
-def class_names_of(cfg) -> list[str]:
-    """The 16 nouns in COCO-id order: base first, then novel (category id = index + 1)."""
-    return list(cfg.data.base_classes) + list(cfg.data.novel_classes)
-
-
 def parallel_map(fn, jobs, workers: int, desc: str):
     """Map ``fn`` over ``jobs`` with a process pool and a tqdm bar; results in job order."""
     if workers <= 1:

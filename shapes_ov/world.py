@@ -49,8 +49,7 @@ import numpy as np
 import config as config_lib
 import data
 from shapes_ov import clip_pretrain
-from shapes_ov.shapes import (SPLITS, class_names_of, make_captions, parallel_map, render_scene,
-                              shape_polygons)
+from shapes_ov.shapes import SPLITS, make_captions, parallel_map, render_scene, shape_polygons
 
 # ----------------------------------------------------------------------------------------------
 # Step 1: the dataset (images, COCO instances, COCO captions), rendered in parallel.
@@ -83,7 +82,7 @@ def _world_info(cfg) -> dict:
 
 
 def _coco_instances(cfg, split: str, results, keep_novel: bool) -> dict:
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     num_base = len(cfg.data.base_classes)
     s = cfg.world.image_size
     images, annotations = [], []
@@ -136,7 +135,7 @@ def _dataset_built(cfg) -> bool:
 
 def build_dataset(cfg) -> None:
     """Render train/val images and write the three COCO JSON files (always rebuilds)."""
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     for n in names:
         shape_polygons(n, np.random.default_rng(0))  # fail early on an unknown class name
     paths = dataset_paths(cfg)
@@ -174,7 +173,7 @@ def world_is_built(cfg) -> bool:
 def build_world(cfg, force: bool = False) -> dict:
     """Build every missing step (all of them with ``force``); return the teacher's eval dict."""
     start = time.time()
-    names = class_names_of(cfg)
+    names = config_lib.class_names(cfg)
     if force or not _dataset_built(cfg):
         t = time.time()
         build_dataset(cfg)

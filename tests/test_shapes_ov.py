@@ -50,7 +50,7 @@ def test_coco_round_trip(tmp_path):
     world.build_dataset(cfg)
     paths = world.dataset_paths(cfg)
     train, val, caps = (COCO(str(paths[k])) for k in ("train_ann", "val_ann", "captions"))
-    names = shapes.class_names_of(cfg)
+    names = config.class_names(cfg)
     num_base = len(cfg.data.base_classes)
     for coco in (train, val):
         cats = coco.loadCats(coco.getCatIds())
@@ -83,7 +83,7 @@ def test_coco_round_trip(tmp_path):
 
 def test_scene_limits():
     cfg = config.load_config(SHAPES_OV)
-    names = shapes.class_names_of(cfg)
+    names = config.class_names(cfg)
     w = cfg.world
     counts = []
     for i in range(30):
@@ -104,7 +104,7 @@ def test_scene_limits():
     assert np.mean(counts) >= 3  # 2-5 objects asked for: placement rarely gives up
 
 
-@pytest.mark.parametrize("name", shapes.class_names_of(config.load_config(SHAPES_OV)))
+@pytest.mark.parametrize("name", config.class_names(config.load_config(SHAPES_OV)))
 def test_box_is_tight_around_rendered_pixels(name):
     # Rotated by the maximum, stretched: the box must hug the pixels that are mostly covered.
     polys = shapes.shape_polygons(name, np.random.default_rng(0))
