@@ -17,7 +17,11 @@ CLIP never runs inside the training loop. ``python -m knowledge --config config.
    ``region_acc_base/novel`` (zero-shot accuracy of val GT box embeddings over all classes),
    ``pseudo_label_acc`` (pseudo boxes at IoU >= 0.5 with a train base box whose noun is its
    class), ``pseudo_label_acc_val_base/novel`` (the same on val proposals, the present classes
-   standing in for caption nouns), the calibration constants, counts and ``timing_s`` per phase.
+   standing in for caption nouns), the calibration constants and counts;
+6. ``timing.json``: the measurements of the run that wrote stats.json (``timing_s`` per phase,
+   ``images_extracted_this_run``). Every other file is the same, byte for byte, for the same config
+   and seed on the same machine type (CPU, same thread count), however often the extraction was
+   killed and restarted (tests/test_reliability.py).
 Files are written atomically (tmp + os.replace); a file that exists and loads is never redone;
 ``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE) splits the images between processes;
 the shard that finds every file present writes stats.json.
@@ -39,9 +43,16 @@ Letters: R boxes, C classes, T templates, D embedding width.
 References: METHOD.md 1.2-1.4, 10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
 prompt ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 Deviations:
-* Proposals come from a small network trained here on base boxes (``proposals.py``) unless a
-  MAVL file is given; the official pickle's origin is unverified (METHOD 11).
-* The pseudo-weight constants are calibrated on this teacher, not copied from ViT-B/32.
+* Proposals come from a network trained here on base boxes (``proposals.py``; on COCO an
+  ImageNet ResNet-50) unless a MAVL file is given; the official pickle's origin is unverified
+  (METHOD 11). The official files themselves are read by official.py, not here.
+* The class and noun texts use ``teacher.templates_file`` (the 80 ImageNet templates on COCO),
+  not DetPro's learned prompts, which were never released as prompts (only as the embeddings
+  official.py reads); the pseudo-weight constants are therefore calibrated on this teacher, not
+  copied from ViT-B/32 DetPro (1.3, 0.31, 0.026), and the fitted scale ``a`` may exceed 1.3.
+* Every image of the train file gets a knowledge file, also those without a base box that
+  training skips (~9% of COCO's train2017): one image list for extraction, stats and the
+  completeness check, at ~9% more extraction time.
 * Pseudo-label accuracy needs labels that train images do not have for novel objects, so
   stats.json measures it on train base objects (``pseudo_label_acc``) and on val proposals with
   the present categories as caption nouns (``pseudo_label_acc_val_*``; shapes_ov/world.py's captions name
@@ -203,22 +214,32 @@ def _proposal_net(cfg, device, shard: int, force: bool, log):
     if fresh:
         net = proposals_lib.build_proposal_net(cfg.teacher.proposals)
         net.load_state_dict(ckpt["model"])
-        return net.to(device).eval(), ckpt["info"]
+        # channels_last as the freshly trained net: the conv kernels, hence the bits, follow it
+        return net.to(device, memory_format=torch.channels_last).eval(), ckpt["info"]
     if ckpt is not None and not force:
         log(f"{path} was trained with another teacher.proposals config: retraining")
     net, info = proposals_lib.train_proposal_net(cfg, device, log)
-    _save_atomic({"model": net.state_dict(), "info": info}, path)
+    # "seconds" is a measurement: kept out of the cached file, so the same seed gives the same bytes
+    _save_atomic({"model": net.state_dict(),
+                  "info": {k: v for k, v in info.items() if k != "seconds"}}, path)
     return net, info
 
 
+def chunks(indices, size: int) -> list[list[int]]:
+    """``indices`` cut into consecutive lists of ``size`` (the last may be shorter)."""
+    indices = list(indices)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
 @torch.no_grad()
-def run_proposals(net, cfg, split: str, indices, device) -> dict:
-    """{image id: (boxes (k, 4) ORIGINAL px, scores (k,))} of the kept proposals."""
+def run_proposals(net, cfg, split: str, batches: list[list[int]], device) -> dict:
+    """{image id: (boxes (k, 4) ORIGINAL px, scores (k,))} of the kept proposals, one forward per
+    list of dataset indices in ``batches`` (fixed batches: the same image gets the same numbers
+    whatever else runs, since a batched forward's floats can depend on the batch)."""
     t = cfg.teacher
     dataset = _split_dataset(cfg, split, data.build_transforms(cfg, train=False))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
-                                         batch_size=32, num_workers=cfg.data.num_workers,
-                                         collate_fn=data.collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                         num_workers=cfg.data.num_workers, collate_fn=data.collate)
     out = {}
     for images, targets in loader:
         padded = batch_images(images)
@@ -268,7 +289,7 @@ def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
     infos = [val.image_info(i) for i in range(len(val))]
     stats = {}
     if net is not None:  # recall of the kept proposals on val, where every object is labelled
-        props = {k: v[0] for k, v in run_proposals(net, cfg, "val", range(len(val)),
+        props = {k: v[0] for k, v in run_proposals(net, cfg, "val", chunks(range(len(val)), 32),
                                                    model_device(model)).items()}
         stats["recall_split"] = "val"
         for split, cats in (("base", base_cats), ("novel", novel_cats)):
@@ -361,9 +382,16 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
                       "templates": templates, "clip_model": t.clip_model},
                      class_embeddings_path(cfg))
 
-    mine = range(shard, len(train), num_shards)  # interleaved: shards get similar images
-    pending = [i for i in mine if force or not _file_done(kdir / f"{stems[i]}.pt")]
-    log(f"shard {shard}/{num_shards}: {len(mine) - len(pending)} of {len(mine)} images done, "
+    # Fixed chunks of teacher.image_batch_size images in file order, dealt to the shards in turn
+    # (shards get similar images). A chunk is extracted as one batch, proposals and CLIP forwards
+    # alike, and redone whole when any of its files is missing: an image's numbers then depend
+    # neither on what a killed run had finished nor on the number of shards (byte-identical).
+    mine = [c for k, c in enumerate(chunks(range(len(train)), t.image_batch_size))
+            if k % num_shards == shard]
+    todo = [c for c in mine if force or not all(_file_done(kdir / f"{stems[i]}.pt") for i in c)]
+    pending = [i for c in todo for i in c]
+    num_mine = sum(map(len, mine))
+    log(f"shard {shard}/{num_shards}: {num_mine - len(pending)} of {num_mine} images done, "
         f"{len(pending)} to extract into {kdir}")
     timing = {}
     tick = time.time()
@@ -376,9 +404,9 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
         props = {i: ext[train.ids[i]] for i in pending}
     else:
         net, net_info = _proposal_net(cfg, device, shard, force, log)
-        timing["proposal_train"] = net_info["seconds"]
+        timing["proposal_train"] = net_info.get("seconds")  # None: loaded from proposal_net.pt
         tick = time.time()
-        found = run_proposals(net, cfg, "train", pending, device)
+        found = run_proposals(net, cfg, "train", todo, device)
         props = {i: found[train.ids[i]][0] for i in pending}
     timing["proposal_infer"] = time.time() - tick
 
@@ -396,7 +424,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     timing["calibration"] = time.time() - tick
 
     tick = time.time()
-    infos = [train.image_info(i) for i in pending]
+    infos = [train.image_info(i) for i in pending]  # whole chunks: its batches are the chunks
     # every annotation of the train file (crowd too) gets a row, so data.py can align by ann id
     gts = [_gt_boxes(train.coco, info) for info in infos]
     boxes = [torch.cat([g[1], props[i].reshape(-1, 4)]) for g, i in zip(gts, pending)]  # GT, then pseudo
@@ -430,10 +458,12 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
         proposal_source=t.proposals_file or f"proposal network ({t.proposals.objectness})",
         box_embedding={"mode": t.box_embedding, "context": t.context,
                        "context_scale": t.context_scale, "upsample": t.upsample},
-        proposal_net={k: v for k, v in net_info.items() if k != "config"},  # steps, seconds, loss
-        calibration=cal, timing_s=timing, images_extracted_this_run=len(pending),
-        clip_model=t.clip_model, num_train_images=len(train),
+        proposal_net={k: v for k, v in net_info.items() if k not in ("config", "seconds")},
+        calibration=cal, clip_model=t.clip_model, num_train_images=len(train),
         images_without_caption_nouns=sum(1 for i in train.ids if not nouns.get(i)))
+    # Measurements of this run go to their own file: stats.json is the same for the same seed.
+    _save_atomic({"timing_s": timing, "images_extracted_this_run": len(pending)},
+                 data.knowledge_dir(cfg) / "timing.json")
     _save_atomic(stats, stats_path(cfg))
     return stats
 
