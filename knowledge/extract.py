@@ -22,9 +22,12 @@ CLIP never runs inside the training loop. ``python -m knowledge --config config.
    ``images_extracted_this_run``). Every other file is the same, byte for byte, for the same config
    and seed on the same machine type (CPU, same thread count), however often the extraction was
    killed and restarted (tests/test_reliability.py).
-Files are written atomically (tmp + os.replace); a file that exists and loads is never redone;
-``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE) splits the images between processes;
-the shard that finds every file present writes stats.json.
+Files are written atomically (tmp + os.replace), so a killed run leaves no half file; run again,
+it resumes: a chunk of ``teacher.image_batch_size`` images whose files all exist and load is never
+redone, the proposal network is read from ``proposal_net.pt`` once written (a kill during its
+training restarts that training, which gives the same weights). ``--shard i --num-shards n`` (or
+torchrun's RANK/WORLD_SIZE) deals the chunks to processes; the shard that finds every file present
+writes stats.json.
 
 With ``teacher.official_resources`` (the released HD-OVD files, the preferred source on OV-COCO)
 there is nothing to extract: ``knowledge_is_built`` is true, CLIP is never loaded, nothing is
@@ -102,11 +105,16 @@ def knowledge_is_built(cfg) -> bool:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    """JSON (indented) for ``.json`` paths, torch.save otherwise; atomic (data.write_atomic)."""
-    if path.suffix == ".json":
-        data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
-    else:
-        data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """JSON (indented) for ``.json`` paths, torch.save otherwise; atomic (data.write_atomic). A
+    failed write (a full disk: torch.save raises a RuntimeError) becomes a TeacherError."""
+    try:
+        if path.suffix == ".json":
+            data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+        else:
+            data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as e:
+        raise TeacherError(f"cannot write '{path}' ({e}); free disk space and run the same command "
+                           f"again: the files already written are kept") from None
 
 
 def _file_done(path: Path) -> bool:

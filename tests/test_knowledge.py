@@ -285,8 +285,10 @@ def test_extraction_contract_resume_and_shards(tiny_cfg):
     stats = extract.build_knowledge(tiny_cfg, shard=1, num_shards=2)
     assert extract.knowledge_is_built(tiny_cfg)
     for key in ("proposal_recall_novel", "proposal_recall_base", "region_acc_novel",
-                "region_acc_base", "pseudo_label_acc", "timing_s", "calibration"):
+                "region_acc_base", "pseudo_label_acc", "proposal_net", "calibration"):
         assert key in stats
+    assert "timing_s" not in stats  # measurements live in timing.json (same seed, same stats.json)
+    assert "timing_s" in json.loads((kdir / "timing.json").read_text())
     assert stats["recall_split"] == "val" and stats["calibration"]["source"] == "config"
     assert json.loads(extract.stats_path(tiny_cfg).read_text())["num_train_images"] == 10
 
@@ -310,12 +312,15 @@ def test_extraction_contract_resume_and_shards(tiny_cfg):
     _, target = dataset[0]
     assert target["knowledge"]["gt_emb"].shape == (len(target["boxes"]), 32)
 
-    # resume: a deleted and a truncated file are redone, the others are left untouched
+    # resume: a deleted and a truncated file are redone with their chunk (teacher.image_batch_size
+    # = 4 images), byte for byte as before; the other chunks are left untouched
     files = sorted(kdir.glob("0*.pt"))
+    before = {f: f.read_bytes() for f in files}
     files[0].unlink()
     files[1].write_bytes(files[1].read_bytes()[:50])
-    mtimes = {f: f.stat().st_mtime_ns for f in files[2:]}
+    mtimes = {f: f.stat().st_mtime_ns for f in files[4:]}
     extract.build_knowledge(tiny_cfg)
     assert extract._file_done(files[0]) and extract._file_done(files[1])
+    assert all(f.read_bytes() == before[f] for f in files)
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
     assert not list(kdir.glob(".*.tmp"))  # no temporary files left behind
