@@ -157,6 +157,8 @@ class ClipPretrainConfig:
     amp: bool = True                    # bf16 autocast (WORLD.md: faster on CPU)
     threads: int = 0                    # torch.set_num_threads (0 = torch's default: all cores)
     log_every: int = 50                 # steps between progress-bar loss updates
+    ckpt_every: int = 300               # steps between resume points (teacher/pretrain_ckpt.pt):
+                                        # a killed build loses < ~45 s of pre-training; 0 = none
     eval_crop_scale: float = 1.5        # eval crop side / box's longer side (task spec: ~1.5x)
     eval_batch_size: int = 256          # crops per forward in the eval
 

@@ -4,7 +4,8 @@
   from the dataset and covering all 16 categories: crops of single objects out of freshly rendered
   scenes (captioned with one of ``clip_pretrain.single_captions``) and whole scenes resized to the
   input size (captioned like the dataset).
-* ``pretrain_clip(cfg, pool)`` -> (``clip.model.CLIP`` with a ViT image tower, stats): symmetric
+* ``pretrain_clip(cfg, pool, ckpt_path)`` -> (``clip.model.CLIP`` with a ViT image tower, stats,
+  timing), resumable from ``ckpt_path`` (saved every ``clip_pretrain.ckpt_every`` steps): symmetric
   InfoNCE where pairs whose captions describe the same thing are not each other's negatives. Half
   the captions get 1-2 random words that no caption or prompt uses, so the text tower learns to
   ignore unseen words (the eval templates' words are unseen by design). The budget is
@@ -158,10 +159,14 @@ def insert_filler(tokens, filler_ids, prob: float, gen):
     return out
 
 
-def pretrain_clip(cfg, pool: dict):
+def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     """Train a CLIP on the stream pool for clip_pretrain.max_steps steps.
 
-    Returns (model, stats dict)."""
+    With ``ckpt_path``, every ``clip_pretrain.ckpt_every`` steps the training state (weights,
+    optimizer, schedule, random generator, losses) is saved there atomically, and a call that
+    finds a checkpoint made with the same settings continues from it: a killed pre-training
+    resumes and ends with the same weights as one never interrupted. Returns (model, stats,
+    timing): stats are the same for the same settings, timing holds the measurements."""
     pre = cfg.clip_pretrain
     names = config_lib.class_names(cfg)
     device = config_lib.resolve_device(cfg.run.device)
@@ -197,9 +202,23 @@ def pretrain_clip(cfg, pool: dict):
     n_scene = pre.batch_size - n_single
     schedule = warmup_cosine(opt, pre.warmup_steps, pre.max_steps)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=pre.amp)
-    start, losses = time.time(), []
-    bar = tqdm(desc="pre-train teacher", total=pre.max_steps, leave=False)
-    for step in range(1, pre.max_steps + 1):
+    start, losses, first = time.time(), [], 1
+    # what decides the weights (everything but how often to log or save); a checkpoint made with
+    # other settings is not resumed
+    key = {"clip_pretrain": {k: v for k, v in config_lib.config_to_dict(cfg)["clip_pretrain"].items()
+                             if k not in ("log_every", "ckpt_every")},
+           "world": config_lib.config_to_dict(cfg)["world"] | {"workers": None},  # any count
+           "class_names": names, "templates": list(cfg.teacher.templates)}
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["key"] == key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            gen.set_state(state["generator"])
+            losses, first = state["losses"], state["step"] + 1
+    bar = tqdm(desc="pre-train teacher", total=pre.max_steps, initial=first - 1, leave=False)
+    for step in range(first, pre.max_steps + 1):
         lr = schedule.get_last_lr()[0]
         si = torch.randint(len(pool["singles"]), (n_single,), generator=gen)
         ci = torch.randint(len(pool["scenes"]), (n_scene,), generator=gen)
@@ -231,15 +250,23 @@ def pretrain_clip(cfg, pool: dict):
         bar.update(1)
         if step % pre.log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-pre.log_every:]):.3f}", lr=f"{lr:.2e}",
-                            s_per_step=f"{(time.time() - start) / step:.3f}")
+                            s_per_step=f"{(time.time() - start) / (step - first + 1):.3f}")
+        if ckpt_path is not None and pre.ckpt_every and step % pre.ckpt_every == 0 \
+                and step < pre.max_steps:
+            state = {"key": key, "step": step, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+                     "generator": gen.get_state(), "losses": losses}
+            data.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
     bar.close()
     seconds = time.time() - start
-    stats = {"train_steps": pre.max_steps, "train_seconds": round(seconds, 1),
-             "seconds_per_step": round(seconds / max(pre.max_steps, 1), 4),
+    stats = {"train_steps": pre.max_steps,
              "final_loss": round(float(np.mean(losses[-pre.log_every:])), 4) if losses else None,
              "num_singles": len(pool["singles"]), "num_scenes": len(pool["scenes"]),
-             "device": str(device), "threads": torch.get_num_threads()}
-    return model.eval(), stats
+             "device": str(device)}
+    timing = {"train_seconds": round(seconds, 1), "steps_this_run": pre.max_steps - first + 1,
+              "seconds_per_step": round(seconds / max(pre.max_steps - first + 1, 1), 4),
+              "threads": torch.get_num_threads()}
+    return model.eval(), stats, timing
 
 
 def save_clip(model, path: str | Path) -> None:

@@ -19,7 +19,8 @@ output exists (``--force`` rebuilds all of them):
 2. ``teacher/clip.pt``: a small ``clip.model.CLIP`` pre-trained on a separate stream of
    (image, caption) pairs covering all 16 categories, saved as a state dict that ``clip.load``
    reads (``clip_pretrain.py``; its docstring has the recipe). ``teacher/pretrain_stats.json``:
-   steps, seconds, final loss, the clip_pretrain config.
+   steps, final loss, counts, the clip_pretrain config. ``teacher/timing.json``: the
+   measurements (seconds, threads), the only file that differs between two builds.
 3. ``teacher/teacher_eval.json``: its 16-way zero-shot accuracy on crops of val objects with the
    ``teacher.templates`` prompt ensemble (``clip_pretrain.evaluate_teacher``), plus the pre-training
    stats.
@@ -28,7 +29,13 @@ Drawing the scenes and captions lives in ``shapes.py``; this file writes the dat
 three steps.
 
 Determinism: every image (and every stream sample) draws from its own ``np.random.Generator``
-seeded with (world.seed, split, index), so the parallel render gives byte-identical PNGs and JSON.
+seeded with (world.seed, split, index), so the parallel render gives byte-identical PNGs and JSON;
+the teacher trains a fixed number of steps from fixed seeds, so the same config gives the same
+``clip.pt`` on the same machine type (CPU, same thread count). Every file is written atomically.
+A killed build resumes when run again: finished steps are skipped, the dataset step renders again
+(the annotation files, written last, mark it done), and the pre-training continues from
+``teacher/pretrain_ckpt.pt`` (every ``clip_pretrain.ckpt_every`` steps); the files end
+byte-identical to an uninterrupted build (tests/test_reliability.py).
 
 Times and teacher accuracy of the default build: LOG.md (2026-11-30, "moved from world.py").
 
@@ -61,7 +68,7 @@ def _render_image_job(job):
     world, names, split, index, folder = job
     rng = np.random.default_rng([world.seed, SPLITS[split], index])
     image, objects = render_scene(rng, world, names)
-    image.save(Path(folder) / f"{index:06d}.png", format="PNG")
+    data.write_atomic(Path(folder) / f"{index:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
     captions = make_captions(objects, names, world, rng) if split == "train" else []
     return index, objects, captions
 
@@ -179,22 +186,27 @@ def build_world(cfg, force: bool = False) -> dict:
         build_dataset(cfg)
         print(f"world: dataset written to {cfg.data.root} in {time.time() - t:.1f}s")
     stats_path = teacher_path(cfg).with_name("pretrain_stats.json")
+    ckpt_path = teacher_path(cfg).with_name("pretrain_ckpt.pt")  # resume point while it trains
     trained = False
     if force or not teacher_path(cfg).is_file():
+        if force:
+            ckpt_path.unlink(missing_ok=True)
         t = time.time()
         pool = clip_pretrain.render_stream(cfg)
         render_seconds = time.time() - t
         single = [p.format(n) for n in names for p in cfg.clip_pretrain.single_captions]
         clip_pretrain.check_templates(list(cfg.teacher.templates), names,
                                       single + pool["scene_captions"])
-        model, stats = clip_pretrain.pretrain_clip(cfg, pool)
-        stats["stream_render_seconds"] = round(render_seconds, 1)
+        model, stats, timing = clip_pretrain.pretrain_clip(cfg, pool, ckpt_path)
         stats["clip_pretrain"] = config_lib.config_to_dict(cfg)["clip_pretrain"]
         clip_pretrain.save_clip(model, teacher_path(cfg))
         _write_json(stats_path, stats)
+        _write_json(teacher_path(cfg).with_name("timing.json"),
+                    dict(timing, stream_render_seconds=round(render_seconds, 1)))
+        ckpt_path.unlink(missing_ok=True)  # clip.pt is written: nothing left to resume
         trained = True
         print(f"world: teacher saved to {teacher_path(cfg)} ({stats['train_steps']} steps, "
-              f"{stats['train_seconds']}s)")
+              f"{timing['train_seconds']}s)")
     if force or trained or not eval_path(cfg).is_file():
         paths = dataset_paths(cfg)
         result = clip_pretrain.evaluate_teacher(cfg, teacher_path(cfg), paths["val_ann"],
