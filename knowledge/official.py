@@ -62,6 +62,9 @@ Deviations
   ``skip_images_without_base`` (mmdet also keeps images whose only base boxes are crowd).
 * Files the official run would read lazily are checked up front (presence, pkl length); their
   shapes are checked when each image is read.
+Unverified: that the rows of ``gt_clip_image_embedding`` follow the boxes of mmdet's loader is
+METHOD 1.2's reading of the training code, which only pairs them by position (the extraction script
+was not released, official issue #2). A count mismatch is caught; a permutation could not be.
 """
 from __future__ import annotations
 
