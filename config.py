@@ -81,6 +81,12 @@ class DataConfig:
     train_images: str = "train2017"     # folder of training images (COCO 2017)
     val_images: str = "val2017"         # folder of validation images (COCO 2017)
     train_ann: str = "annotations/instances_train2017.48.json"  # METHOD 8.2: base boxes only
+    train_all_ann: str = "annotations/instances_train2017.65.json"  # METHOD 8.2: the boxes of
+                                        # every class (data.py ov-coco writes it); read by the oracle
+    oracle: bool = False                # the ladder's upper bound (WORLD.md): train on
+                                        # train_all_ann with every class's text in the training
+                                        # classifier (novel boxes are positives of their class,
+                                        # not background); no distillation; eval unchanged
     val_ann: str = "annotations/instances_val2017.65.min.json"  # METHOD 8.2: 65 classes
     captions: str = "annotations/captions_train2017.json"       # COCO captions: the H2 nouns
     base_classes: list[str] = field(  # METHOD 8.1: 48 base classes, ids 0..47
@@ -120,6 +126,18 @@ class WorldConfig:
     noise_std: list[float] = field(default_factory=lambda: [0.0, 10.0])  # background noise std
                                         # range (0-255 scale); chosen here
     lines: list[int] = field(default_factory=lambda: [0, 2])  # WORLD.md: 0-2 thin background lines
+    # Realism knobs (issue 15; the defaults keep WORLD.md's world byte for byte). Measured effects:
+    # README "The ablation ladder" and LOG.md 2026-12-01; configs/shapes_ov_ladder.yaml uses them.
+    distractor_classes: list[str] = field(default_factory=list)  # shapes drawn like any other
+                                        # but in no vocabulary: never annotated, named in captions
+                                        # by a word no noun matches (COCO's 15 unused classes)
+    novel_weight: float = 1.0           # draw weight of each novel class in TRAIN images vs 1 for
+                                        # the others (< 1: fewer novel examples; val stays 1)
+    caption_coverage: float = 1.0       # probability that the captions name a category present
+                                        # (COCO captions name a few salient objects)
+    caption_wrong_noun: float = 0.0     # a named category is called by another class's name
+                                        # ("a man" for a skier)
+    caption_vague: float = 0.0          # ... or by a vague word ("shape", "thing")
     workers: int = 2                    # processes used to render images
 
 
@@ -143,6 +161,9 @@ class ClipPretrainConfig:
     warmup_steps: int = 150             # linear warm-up, then cosine to max_steps (WORLD.md)
     batch_size: int = 32                # pairs per step (WORLD.md: 64; 32 measured better, LOG.md)
     single_fraction: float = 0.75       # single-object crops per batch, the rest scenes (WORLD.md)
+    novel_weight: float = 1.0           # draw weight of each novel class in the teacher's stream
+                                        # vs 1 for the others (< 1: a teacher weaker on novel
+                                        # shapes; issue 15 realism knob)
     max_steps: int = 1800               # the budget, in steps (~270 s on 2 quiet cores; LOG.md 11-30)
     num_scenes: int = 6400              # stream scenes rendered, each also a sample (WORLD.md)
     crops_per_object: int = 1           # single-object crops per stream object (6400 scenes ->

@@ -408,7 +408,11 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
     """The ``train`` (base boxes, flip, optional knowledge) or ``val`` (all classes) dataset of cfg.data.
 
     The knowledge comes from ``<data.root>/<data.knowledge_dir>`` (knowledge/extract.py), or from the
-    official files when ``teacher.official_resources`` is set (knowledge/official.py)."""
+    official files when ``teacher.official_resources`` is set (knowledge/official.py).
+    With ``data.oracle`` the train split is ``data.train_all_ann`` and every class is a training
+    class (``num_base_classes`` = all, so images with only novel boxes stay), without knowledge:
+    the oracle does not distil, and the knowledge files belong to ``data.train_ann``, which is
+    still the file ``split_paths`` gives to the offline extraction."""
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -419,6 +423,9 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
     if knowledge is None:
         knowledge = train
     image_dir, ann_file = split_paths(cfg, split)
+    oracle = train and d.oracle
+    if oracle:
+        ann_file, knowledge = root / d.train_all_ann, False
     for path, what in ((image_dir, "image folder"), (ann_file, "annotation file")):
         if not path.exists():
             raise _missing(path, what, d.dataset, root)
@@ -427,7 +434,7 @@ def build_dataset(cfg, split: str, knowledge: bool | None = None) -> OVDetection
         image_dir=image_dir,
         ann_file=ann_file,
         class_names=config.class_names(cfg),
-        num_base_classes=len(d.base_classes),
+        num_base_classes=len(config.class_names(cfg)) if oracle else len(d.base_classes),
         transforms=build_transforms(cfg, train),
         train=train,
         knowledge_dir=str(knowledge_dir(cfg)) if knowledge and not official_dir else None,

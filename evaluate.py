@@ -25,8 +25,9 @@ Contract
   pycocotools COCOeval "bbox"; the precision array ``[T, R, K, A, M]`` (IoU thresholds, 101 recall
   points, categories, area ranges, max detections) is sliced at IoU 0.5, area "all", maxDets 100.
   A category's AP50 is the mean over the R recall points; ``AP50_novel`` / ``AP50_base`` /
-  ``AP50_all`` are means over the categories of that subset; ``AP_all`` averages IoU 0.5:0.95 over
-  all categories (COCO's "AP"). All in percent. Categories without any ground truth box get
+  ``AP50_all`` are means over the categories of that subset; ``AP_all`` / ``AP_novel`` /
+  ``AP_base`` average IoU 0.5:0.95 too (COCO's "AP"), ``AP75_novel`` is IoU 0.75: box tightness,
+  which AP50 cannot see (issue 15). All in percent. Categories without any ground truth box get
   precision -1 from COCOeval and are left out of every mean and of ``per_class_AP50`` (COCO's own
   convention). Empty ``results`` give 0 for every number instead of a crash.
 
@@ -64,7 +65,8 @@ import data
 from knowledge import clip_io
 import hdovd
 
-METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all"]
+METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all", "AP_novel", "AP_base",
+               "AP75_novel"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +75,8 @@ METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all"]
 
 def coco_metrics(coco_gt, results: list[dict], base_cat_ids: list[int], novel_cat_ids: list[int],
                  img_ids: list[int] | None = None) -> dict:
-    """AP50 on novel / base / all categories, AP on all, and per-class AP50 (percent).
+    """AP50 on novel / base / all categories, AP (0.5:0.95) on all / novel / base, AP75 on novel,
+    and per-class AP50 (percent).
 
     ``coco_gt``: pycocotools COCO of the evaluation annotations; ``results``: COCO results list
     (xywh boxes in the original image frame); ``img_ids``: restrict the evaluation to these images
@@ -101,6 +104,7 @@ def coco_metrics(coco_gt, results: list[dict], base_cat_ids: list[int], novel_ca
         E.accumulate()
     precision = E.eval["precision"]  # [T, R, K, A, M], -1 where a category has no GT
     t50 = int(np.argmax(np.isclose(E.params.iouThrs, 0.5)))
+    t75 = int(np.argmax(np.isclose(E.params.iouThrs, 0.75)))
     a_all = E.params.areaRngLbl.index("all")
     m100 = E.params.maxDets.index(100)
     pr = precision[:, :, :, a_all, m100]  # [T, R, K]
@@ -117,6 +121,9 @@ def coco_metrics(coco_gt, results: list[dict], base_cat_ids: list[int], novel_ca
         "AP50_base": ap([k_of[c] for c in base_cat_ids], t50),
         "AP50_all": ap([k_of[c] for c in cat_ids], t50),
         "AP_all": ap([k_of[c] for c in cat_ids]),
+        "AP_novel": ap([k_of[c] for c in novel_cat_ids]),
+        "AP_base": ap([k_of[c] for c in base_cat_ids]),
+        "AP75_novel": ap([k_of[c] for c in novel_cat_ids], t75),
         "per_class_AP50": {names[c]: ap([k_of[c]], t50) for c in cat_ids if c in has_gt},
         "num_detections": len(results),
     }
@@ -124,8 +131,9 @@ def coco_metrics(coco_gt, results: list[dict], base_cat_ids: list[int], novel_ca
 
 
 def format_table(metrics: dict, base_names: list[str], novel_names: list[str]) -> str:
-    """A small text table: the four headline numbers, then per-class AP50 by split."""
-    lines = [f"{'AP50 novel':>10} {'AP50 base':>10} {'AP50 all':>10} {'AP all':>10}",
+    """A small text table: the headline numbers (METRIC_KEYS), then per-class AP50 by split."""
+    lines = [f"{'AP50 novel':>10} {'AP50 base':>10} {'AP50 all':>10} {'AP all':>10} "
+             f"{'AP novel':>10} {'AP base':>10} {'AP75 novel':>10}",
              " ".join(f"{metrics[k]:10.2f}" for k in METRIC_KEYS)]
     per_class = metrics.get("per_class_AP50", {})
     for split, names in (("novel", novel_names), ("base", base_names)):

@@ -226,14 +226,20 @@ def load_class_embeddings(cfg) -> torch.Tensor:
 
 
 def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
-    """Build the model described by ``cfg`` (METHOD §7 for ``model.detector == 'faster_rcnn'``)."""
+    """Build the model described by ``cfg`` (METHOD §7 for ``model.detector == 'faster_rcnn'``).
+    ``data.oracle``: every class is a training class (the training classifier holds all texts);
+    evaluation still splits base / novel by ``data.novel_classes`` (evaluate.py)."""
     if cfg.model.detector != "faster_rcnn":
         raise ValueError(f"model.detector '{cfg.model.detector}' is not available; valid: faster_rcnn")
+    d = cfg.distill
+    if cfg.data.oracle and (d.instance or d.class_wise or d.text_space or d.image):
+        raise ValueError("data.oracle trains the upper bound on every class's boxes without "
+                         "distillation: set distill.instance, class_wise, text_space and image "
+                         "to false")
     if class_embeddings is None:
         class_embeddings = load_class_embeddings(cfg)
     dim = class_embeddings.shape[1]
-    d = cfg.distill
-    nb = len(cfg.data.base_classes)
+    nb = len(config.class_names(cfg) if cfg.data.oracle else cfg.data.base_classes)  # trained on
     instance = (InstanceDistiller(dim, d.instance_queue_size, d.instance_tau, d.rkd_scale,
                                   d.kd_temperature) if d.instance else None)
     image = ImageDistiller(dim, d.image_queue_size, d.image_tau) if d.image else None

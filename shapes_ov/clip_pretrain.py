@@ -46,7 +46,8 @@ import config as config_lib
 import data
 from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
-from shapes_ov.shapes import SPLITS, make_captions, parallel_map, render_scene
+from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
+                              parallel_map, render_scene)
 
 with warnings.catch_warnings():  # clip-anytorch imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
@@ -72,11 +73,11 @@ def crop_resized(image: Image.Image, box, scale: float, out_size: int, shift=(0.
 
 def _render_stream_job(job):
     """Worker: one stream scene -> (scene at input size, its caption, object crops, labels)."""
-    world, names, pre, index = job
+    world, names, probs, pre, index = job
     rng = np.random.default_rng([world.seed, SPLITS["stream"], index])
-    image, objects = render_scene(rng, world, names)
+    image, objects = render_scene(rng, world, names, probs)
     n = pre.image_resolution
-    captions = make_captions(objects, names, world, rng)
+    captions = make_captions(objects, drawable_classes(world, names), world, rng)
     caption = captions[int(rng.integers(len(captions)))] if captions else ""
     crops, labels = [], []
     for _ in range(pre.crops_per_object):
@@ -93,7 +94,12 @@ def render_stream(cfg):
     """The pre-training pool: dict of uint8 tensors singles (N,n,n,3) / scenes (M,n,n,3),
     long single_labels (N,), and scene_captions (list of M str)."""
     names = config_lib.class_names(cfg)
-    jobs = [(cfg.world, names, cfg.clip_pretrain, i) for i in range(cfg.clip_pretrain.num_scenes)]
+    # the teacher's "web" holds the distractors too, named; clip_pretrain.novel_weight < 1 makes
+    # novel shapes rarer in it
+    probs = category_probs(len(cfg.data.base_classes), len(cfg.data.novel_classes),
+                           len(cfg.world.distractor_classes), cfg.clip_pretrain.novel_weight)
+    jobs = [(cfg.world, names, probs, cfg.clip_pretrain, i)
+            for i in range(cfg.clip_pretrain.num_scenes)]
     results = parallel_map(_render_stream_job, jobs, cfg.world.workers, "render teacher stream")
     results = [r for r in results if r[1]]  # a scene where nothing could be placed has no caption
     return {"singles": torch.from_numpy(np.stack([c for r in results for c in r[2]])),
@@ -168,7 +174,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     resumes and ends with the same weights as one never interrupted. Returns (model, stats,
     timing): stats are the same for the same settings, timing holds the measurements."""
     pre = cfg.clip_pretrain
-    names = config_lib.class_names(cfg)
+    names = drawable_classes(cfg.world, config_lib.class_names(cfg))  # single_labels index these
     device = config_lib.resolve_device(cfg.run.device)
     if pre.threads > 0:
         torch.set_num_threads(pre.threads)

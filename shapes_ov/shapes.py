@@ -2,12 +2,15 @@
 
 * ``shape_polygons(name, rng)`` -> unit polygons [outer, hole, ...] (y down); ``place_polygons``
   stretches, rotates, scales and moves them; ``rasterize`` gives their pixel coverage.
-* ``render_scene(rng, world, class_names)`` -> (PIL image, objects): a cluttered background, then
-  ``world.objects_per_image`` non-touching objects in one fill colour; each object is a dict with
-  ``category``, ``box`` (xyxy float pixels, the extent of the outer polygon), ``size``,
-  ``rotation``, ``stretch``.
-* ``make_captions(objects, class_names, world, rng)`` -> 1-3 captions that together name every
-  category present ("a small star at the top left and two rings").
+* ``render_scene(rng, world, class_names, probs=None)`` -> (PIL image, objects): a cluttered
+  background, then ``world.objects_per_image`` non-touching objects in one fill colour, of the
+  categories ``drawable_classes(world, class_names)`` (the vocabulary, then the world's
+  distractors), drawn with ``probs`` (``category_probs``; None = uniform); each object is a dict
+  with ``category`` (index into the drawable classes), ``box`` (xyxy float pixels, the extent of
+  the outer polygon), ``size``, ``rotation``, ``stretch``.
+* ``make_captions(objects, names, world, rng, noisy=False)`` -> 1-3 captions that together name
+  every category present ("a small star at the top left and two rings"); ``noisy``: the world's
+  caption knobs (coverage, wrong nouns, vague words) make them COCO-like.
 * ``SPLITS`` seeds: every image draws from ``np.random.default_rng([world.seed, SPLITS[split],
   index])``, so a parallel render (``parallel_map``) is byte-identical to a serial one.
 
@@ -208,13 +211,35 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def render_scene(rng: np.random.Generator, world, class_names: list[str]):
+def drawable_classes(world, class_names: list[str]) -> list[str]:
+    """What a scene can hold: the vocabulary (base, then novel), then ``world.distractor_classes``
+    (shapes of no vocabulary, like COCO's 15 classes outside OV-COCO's 65)."""
+    return list(class_names) + list(world.distractor_classes)
+
+
+def category_probs(num_base: int, num_novel: int, num_distractors: int,
+                   novel_weight: float) -> np.ndarray | None:
+    """Draw probabilities over the drawable classes: novel ones weigh ``novel_weight``, the others
+    1. None when every weight is 1: render_scene then draws uniformly exactly as before the knob
+    existed, so default worlds keep their bytes."""
+    if novel_weight == 1.0:
+        return None
+    if novel_weight < 0:
+        raise ValueError(f"a novel_weight of {novel_weight} is negative; use a value >= 0")
+    w = np.array([1.0] * num_base + [novel_weight] * num_novel + [1.0] * num_distractors)
+    return w / w.sum()
+
+
+def render_scene(rng: np.random.Generator, world, class_names: list[str],
+                 probs: np.ndarray | None = None):
     """One Shapes-OV image and its objects.
 
     Returns (PIL RGB image of world.image_size, objects) where each object is a dict with
-    ``category`` (index into class_names), ``box`` (xyxy float pixels), ``size`` (longer box side),
-    ``rotation`` (degrees) and ``stretch`` ((sx, sy)).
+    ``category`` (index into ``drawable_classes(world, class_names)``), ``box`` (xyxy float
+    pixels), ``size`` (longer box side), ``rotation`` (degrees) and ``stretch`` ((sx, sy)).
+    ``probs``: the category draw probabilities (``category_probs``), None = uniform.
     """
+    class_names = drawable_classes(world, class_names)
     s = world.image_size
     fills = _fill_rgbs(world)
     img = render_background(rng, world, fills)
@@ -223,7 +248,8 @@ def render_scene(rng: np.random.Generator, world, class_names: list[str]):
     n_target = int(rng.integers(world.objects_per_image[0], world.objects_per_image[1] + 1))
     for _ in range(n_target):
         for _attempt in range(world.placement_attempts):
-            cat = int(rng.integers(len(class_names)))
+            cat = (int(rng.integers(len(class_names))) if probs is None
+                   else int(rng.choice(len(class_names), p=probs)))
             size = float(rng.uniform(*world.object_size))
             rot = float(rng.uniform(-world.max_rotation, world.max_rotation))
             stretch = rng.uniform(*world.stretch, 2)
@@ -251,6 +277,7 @@ def render_scene(rng: np.random.Generator, world, class_names: list[str]):
 # ----------------------------------------------------------------------------------------------
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+VAGUE_WORDS = ["shape", "thing", "object", "figure"]  # world.caption_vague; no class is one of them
 
 
 def plural(noun: str) -> str:
@@ -274,21 +301,56 @@ def describe(objs: list[dict], noun: str, world) -> str:
     return f"a {size_word} {noun} {place}"
 
 
-def make_captions(objects: list[dict], class_names: list[str], world, rng) -> list[str]:
+def caption_words(cats: list[int], names: list[str], world, rng) -> dict[int, str]:
+    """The word each category is called by in a COCO-like caption (the ``noisy`` captions):
+    named with probability ``world.caption_coverage`` (left out of the dict otherwise), then
+    called by another vocabulary class's name with probability ``world.caption_wrong_noun``, by
+    a vague word with probability ``world.caption_vague``, else by its own name. ``names`` are
+    the drawable classes (vocabulary first, then the distractors). A knob at its default draws no
+    random number."""
+    vocabulary = len(names) - len(world.distractor_classes)
+    words = {}
+    for c in cats:
+        if world.caption_coverage < 1 and rng.random() >= world.caption_coverage:
+            continue  # not mentioned
+        words[c] = names[c]
+        if world.caption_wrong_noun > 0 or world.caption_vague > 0:
+            u = rng.random()
+            if u < world.caption_wrong_noun:
+                others = [k for k in range(vocabulary) if k != c]
+                words[c] = names[others[int(rng.integers(len(others)))]]
+            elif u < world.caption_wrong_noun + world.caption_vague:
+                words[c] = VAGUE_WORDS[int(rng.integers(len(VAGUE_WORDS)))]
+    return words
+
+
+def make_captions(objects: list[dict], names: list[str], world, rng,
+                  noisy: bool = False) -> list[str]:
     """Captions naming 1-3 categories each; together they name every category in the image.
 
     The count is drawn from world.captions_per_image and raised when more than 3 categories need
     naming (never above the number of categories, so no caption repeats another's nouns).
+    ``names``: the drawable classes (objects' ``category`` indexes them). ``noisy`` (the
+    dataset's train captions, never the teacher's stream): each category is called by
+    ``caption_words``' word, or not named at all; an image whose categories all go unnamed gets
+    one vague caption ("three shapes").
     """
     cats = sorted({o["category"] for o in objects})
     if not cats:
         return []
     rng.shuffle(cats)
+    word = {c: names[c] for c in cats}
+    if noisy:
+        word = caption_words(cats, names, world, rng)
+        cats = [c for c in cats if c in word]
+        if not cats:
+            return [f"{NUMBERS[min(len(objects), 9)]} "
+                    f"{VAGUE_WORDS[0] if len(objects) == 1 else plural(VAGUE_WORDS[0])}"]
     lo, hi = world.captions_per_image
     n = min(max(int(rng.integers(lo, hi + 1)), math.ceil(len(cats) / 3)), len(cats))
     captions = []
     for group in (cats[i::n] for i in range(n)):  # round-robin split: 1-3 categories each
-        phrases = [describe([o for o in objects if o["category"] == c], class_names[c], world)
+        phrases = [describe([o for o in objects if o["category"] == c], word[c], world)
                    for c in group]
         captions.append(phrases[0] if len(phrases) == 1 else
                         ", ".join(phrases[:-1]) + " and " + phrases[-1])

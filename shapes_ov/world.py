@@ -7,7 +7,10 @@ output exists (``--force`` rebuilds all of them):
 1. images + annotations + captions under ``data.root`` (WORLD.md "The world"):
    * ``train/``, ``val/``: PNG images ``000001.png`` ..., world.image_size square, RGB, ids 1..N.
    * ``annotations/instances_train.base.json``: every train image, base-category boxes only (novel
-     objects are in the pixels but unannotated); ``annotations/instances_val.all.json``: all boxes.
+     objects are in the pixels but unannotated); ``annotations/instances_val.all.json``: all boxes;
+     ``data.train_all_ann`` (``annotations/instances_train.all.json``): every train box, novel
+     ones too, for the oracle (``data.oracle``). Distractor objects (``world.distractor_classes``)
+     are in no file.
      Both list all 16 categories, COCO ids 1..16 in the order ``data.base_classes +
      data.novel_classes``, ``name`` = the plain noun, ``supercategory`` = "shape". ``bbox`` is
      [x, y, w, h] in pixels (floats): the extent of the shape's polygon, i.e. the tight box of its
@@ -56,7 +59,8 @@ import numpy as np
 import config as config_lib
 import data
 from shapes_ov import clip_pretrain
-from shapes_ov.shapes import SPLITS, make_captions, parallel_map, render_scene, shape_polygons
+from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
+                              parallel_map, render_scene, shape_polygons)
 
 # ----------------------------------------------------------------------------------------------
 # Step 1: the dataset (images, COCO instances, COCO captions), rendered in parallel.
@@ -65,11 +69,12 @@ from shapes_ov.shapes import SPLITS, make_captions, parallel_map, render_scene, 
 
 def _render_image_job(job):
     """Worker: render image ``index`` of ``split``, save its PNG, return objects and captions."""
-    world, names, split, index, folder = job
+    world, names, probs, split, index, folder = job
     rng = np.random.default_rng([world.seed, SPLITS[split], index])
-    image, objects = render_scene(rng, world, names)
+    image, objects = render_scene(rng, world, names, probs)
     data.write_atomic(Path(folder) / f"{index:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
-    captions = make_captions(objects, names, world, rng) if split == "train" else []
+    captions = (make_captions(objects, drawable_classes(world, names), world, rng, noisy=True)
+                if split == "train" else [])
     return index, objects, captions
 
 
@@ -79,10 +84,18 @@ def _write_json(path: Path, obj) -> None:
     data.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+REALISM_KNOBS = ("distractor_classes", "novel_weight", "caption_coverage", "caption_wrong_noun",
+                 "caption_vague")  # issue 15 (config.py WorldConfig)
+
+
 def _world_info(cfg) -> dict:
     """What made the files: checked on re-runs so a changed config is not silently ignored."""
     world = config_lib.config_to_dict(cfg)["world"]
     world.pop("workers")  # how many processes rendered does not change a byte
+    defaults = config_lib.config_to_dict(config_lib.Config())["world"]
+    for key in REALISM_KNOBS:  # at their defaults they change nothing: worlds built before the
+        if world[key] == defaults[key]:  # knobs existed keep their bytes and stay valid
+            world.pop(key)
     return {"description": "Shapes-OV (hdovd world.py)", "world": world,
             "base_classes": list(cfg.data.base_classes),
             "novel_classes": list(cfg.data.novel_classes)}
@@ -96,6 +109,8 @@ def _coco_instances(cfg, split: str, results, keep_novel: bool) -> dict:
     for index, objects, _ in results:
         images.append({"id": index, "file_name": f"{index:06d}.png", "width": s, "height": s})
         for o in objects:
+            if o["category"] >= len(names):
+                continue  # a distractor: in no vocabulary, so in no annotation file
             if o["category"] >= num_base and not keep_novel:
                 continue  # OV training: novel objects stay in the pixels, unannotated
             x0, y0, x1, y1 = (round(v, 2) for v in o["box"])
@@ -122,13 +137,15 @@ def dataset_paths(cfg) -> dict[str, Path]:
     root = Path(cfg.data.root)
     return {"train_images": root / cfg.data.train_images, "val_images": root / cfg.data.val_images,
             "train_ann": root / cfg.data.train_ann, "val_ann": root / cfg.data.val_ann,
-            "captions": root / cfg.data.captions}
+            "captions": root / cfg.data.captions, "train_all_ann": root / cfg.data.train_all_ann}
 
 
 def _dataset_built(cfg) -> bool:
-    """True when all three annotation files exist (they are written last) and match the config."""
+    """True when the annotation files exist (they are written last) and match the config. The
+    oracle's file is required by the oracle only (worlds built before it existed lack it)."""
     paths = dataset_paths(cfg)
-    if not all(paths[k].is_file() for k in ("train_ann", "val_ann", "captions")):
+    needed = ("train_ann", "val_ann", "captions") + (("train_all_ann",) if cfg.data.oracle else ())
+    if not all(paths[k].is_file() for k in needed):
         return False
     info = json.loads(paths["val_ann"].read_text()).get("info", {})
     if info.get("world") != _world_info(cfg)["world"] or \
@@ -141,19 +158,29 @@ def _dataset_built(cfg) -> bool:
 
 
 def build_dataset(cfg) -> None:
-    """Render train/val images and write the three COCO JSON files (always rebuilds)."""
+    """Render train/val images and write the four COCO JSON files (always rebuilds)."""
     names = config_lib.class_names(cfg)
-    for n in names:
+    both = set(names) & set(cfg.world.distractor_classes)
+    if both:
+        raise ValueError(f"world.distractor_classes {sorted(both)} are also data.base_classes/"
+                         "novel_classes; a distractor must be in no vocabulary")
+    for n in drawable_classes(cfg.world, names):
         shape_polygons(n, np.random.default_rng(0))  # fail early on an unknown class name
     paths = dataset_paths(cfg)
+    num_base, num_novel = len(cfg.data.base_classes), len(cfg.data.novel_classes)
     for split, count, key in (("train", cfg.world.num_train, "train_images"),
                               ("val", cfg.world.num_val, "val_images")):
         folder = paths[key]
         folder.mkdir(parents=True, exist_ok=True)
-        jobs = [(cfg.world, names, split, i, str(folder)) for i in range(1, count + 1)]
+        # world.novel_weight thins novel objects out of TRAIN images only: val keeps every class
+        # equally frequent, so novel AP is measured on as many boxes as before
+        probs = category_probs(num_base, num_novel, len(cfg.world.distractor_classes),
+                               cfg.world.novel_weight if split == "train" else 1.0)
+        jobs = [(cfg.world, names, probs, split, i, str(folder)) for i in range(1, count + 1)]
         results = parallel_map(_render_image_job, jobs, cfg.world.workers, f"render {split}")
         if split == "train":
             _write_json(paths["captions"], _coco_captions(cfg, results))
+            _write_json(paths["train_all_ann"], _coco_instances(cfg, split, results, keep_novel=True))
             _write_json(paths["train_ann"], _coco_instances(cfg, split, results, keep_novel=False))
         else:
             _write_json(paths["val_ann"], _coco_instances(cfg, split, results, keep_novel=True))
@@ -194,7 +221,8 @@ def build_world(cfg, force: bool = False) -> dict:
         t = time.time()
         pool = clip_pretrain.render_stream(cfg)
         render_seconds = time.time() - t
-        single = [p.format(n) for n in names for p in cfg.clip_pretrain.single_captions]
+        single = [p.format(n) for n in drawable_classes(cfg.world, names)
+                  for p in cfg.clip_pretrain.single_captions]
         clip_pretrain.check_templates(list(cfg.teacher.templates), names,
                                       single + pool["scene_captions"])
         model, stats, timing = clip_pretrain.pretrain_clip(cfg, pool, ckpt_path)

@@ -65,7 +65,21 @@ def test_split_metrics_match_hand_computed_values(tmp_path):
     assert m["AP50_all"] == pytest.approx((100 + 50 + RING + 0) / 4)
     # AP over IoU 0.5:0.95: exact boxes score at all 10 thresholds, the ring TP at 3 of them.
     assert m["AP_all"] == pytest.approx((100 + 50 + RING * 3 / 10 + 0) / 4)
+    assert m["AP_base"] == pytest.approx((100 + 50) / 2)
+    assert m["AP_novel"] == pytest.approx((RING * 3 / 10 + 0) / 2)
+    assert m["AP75_novel"] == pytest.approx(0.0)  # the ring hit (IoU 0.62) misses IoU 0.75
     assert m["num_detections"] == len(DETECTIONS)
+
+
+def test_tighter_novel_box_scores_at_iou_075(tmp_path):
+    # The same detections with the ring box tightened to [5,5,20,15.6] (IoU 312/400 = 0.78): a
+    # TP at the 6 thresholds 0.5..0.75, so AP75 sees it and AP (0.5:0.95) doubles its share.
+    dets = [_det(2, 3, [5, 5, 20, 15.6], 0.7) if d["category_id"] == 3 else d for d in DETECTIONS]
+    m = evaluate.coco_metrics(_gt(tmp_path), dets, BASE_IDS, NOVEL_IDS)
+    assert m["AP50_novel"] == pytest.approx((RING + 0) / 2)
+    assert m["AP75_novel"] == pytest.approx((RING + 0) / 2)
+    assert m["AP_novel"] == pytest.approx((RING * 6 / 10 + 0) / 2)
+    assert m["AP_base"] == pytest.approx((100 + 50) / 2)
 
 
 def test_results_are_not_modified(tmp_path):
