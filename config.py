@@ -550,7 +550,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: {e}") from None
     for assignment in overrides or []:
         apply_override(cfg, assignment)
+    check_vocabulary(cfg)
     return cfg
+
+
+def check_vocabulary(cfg: Config) -> None:
+    """The class lists: at least one base class and no name twice (a label is a position in them)."""
+    names = class_names(cfg)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.base_classes + data.novel_classes name {twice} more than once; "
+                          f"list each class once")
+    if not cfg.data.base_classes:
+        raise ConfigError("data.base_classes is empty; list the classes training has boxes for "
+                          "(at least one)")
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: str | None = "config.yaml"):

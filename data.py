@@ -88,6 +88,9 @@ BUILD_ADVICE = {
     "coco": "download COCO 2017 images and annotations (cocodataset.org) into it and run "
             "`python data.py ov-coco --coco-root {root}`",
 }
+REBUILD_ADVICE = ("restore it, or rebuild the dataset (Shapes-OV: `python -m shapes_ov --config "
+                  "config.yaml --force`; OV-COCO: the COCO download and `python data.py ov-coco "
+                  "--coco-root <coco-root> --force`)")
 
 
 class DataError(ValueError):
@@ -117,12 +120,13 @@ def load_image(path) -> Image.Image:
     """Open an image file as RGB, with an error naming the file if it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"image file '{path}' not found (named by the annotation file's 'file_name')")
+        raise DataError(f"image file '{path}' not found (named by the annotation file's "
+                        f"'file_name'); {REBUILD_ADVICE}")
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() forces the decode, so truncated files fail here
     except OSError as e:  # PIL.UnidentifiedImageError and truncation errors are OSErrors
-        raise DataError(f"cannot read image file '{path}': {e}") from None
+        raise DataError(f"cannot read image file '{path}' ({e}); {REBUILD_ADVICE}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,12 +234,17 @@ def _load_coco(ann_file: Path) -> COCO:
         raise _missing(ann_file, "annotation file")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            return COCO(str(ann_file))
+            coco = COCO(str(ann_file))
+        absent = [k for k in ("images", "annotations", "categories") if k not in coco.dataset]
+        if absent:
+            raise KeyError(f"no {absent}")
+        return coco
     except json.JSONDecodeError as e:
-        raise DataError(f"annotation file '{ann_file}' is not valid JSON: {e}") from None
+        raise DataError(f"annotation file '{ann_file}' is not valid JSON ({e}); "
+                        f"{REBUILD_ADVICE}") from None
     except (AssertionError, KeyError, TypeError) as e:
         raise DataError(f"annotation file '{ann_file}' is not COCO format (need 'images', "
-                        f"'annotations', 'categories'): {e!r}") from None
+                        f"'annotations', 'categories'; {e!r}); {REBUILD_ADVICE}") from None
 
 
 class OVDetectionDataset(torch.utils.data.Dataset):
@@ -251,7 +260,8 @@ class OVDetectionDataset(torch.utils.data.Dataset):
         if len(set(self.class_names)) != len(self.class_names):
             raise DataError(f"class names must be unique, got {self.class_names}")
         if not 0 < num_base_classes <= len(self.class_names):
-            raise DataError(f"num_base_classes={num_base_classes} must be in 1..{len(self.class_names)}")
+            raise DataError(f"num_base_classes={num_base_classes} must be in 1..{len(self.class_names)}: "
+                            f"data.base_classes must name at least one class")
         if not self.image_dir.is_dir():
             raise _missing(self.image_dir, "image folder")
         if self.knowledge_dir is not None and not self.knowledge_dir.is_dir():
@@ -478,22 +488,29 @@ def remap_ov_coco(data: dict, source) -> dict:
 
 
 def write_atomic(path: str | Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``.
+    """``write(tmp)`` into a temporary file, then rename it to ``path``.
 
-    Readers (and a crash) see the old file or the new one, never half of one: os.replace is atomic
-    on POSIX within a folder. The folder is created when missing; the temporary file is removed
-    when ``write`` fails. Used for the project's outputs: annotations, the teacher, knowledge
-    files, checkpoints, metrics and detections.
+    Readers (and a kill at any moment) see the old file or the new one, never half of one:
+    os.replace is atomic on POSIX within a file system. The temporary file has the name of
+    ``path``, in a hidden folder ``.<pid>.tmp/`` beside it (per process, so shards never collide):
+    formats that record the file's name (torch.save names its archive folder after it) then give
+    the same bytes on every run. Folders are created when missing; the temporary file is removed
+    when ``write`` fails. Used for every output: annotations, images, the teacher, knowledge files,
+    checkpoints, logs' configs, metrics and detections.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: shards never collide
+    tmp_dir = path.parent / f".{os.getpid()}.tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / path.name
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):  # empty unless this process is writing another file
+            tmp_dir.rmdir()
 
 
 def _all_annotations(data: dict) -> dict:

@@ -230,13 +230,24 @@ def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
         raise FileNotFoundError(f"checkpoint '{path}' not found; train.py writes "
                                 f"runs/<run.name>/ckpt.pth")
     # Our own checkpoints hold config dicts and RNG states (numpy arrays): not weights-only.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise ValueError(f"cannot read checkpoint '{path}' ({type(e).__name__}: {e}); is it a "
+                         f"complete train.py checkpoint? train.py writes runs/<run.name>/ckpt.pth") \
+            from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"'{path}' is not a train.py checkpoint (expected a dict with 'model' "
                          f"and 'config' entries)")
     cfg = config.config_from_dict(ckpt["config"])
     for assignment in overrides or []:
         config.apply_override(cfg, assignment)
+    trained = ckpt["model"].get("class_embeddings")
+    if trained is not None and len(trained) != len(config.class_names(cfg)):
+        raise ValueError(f"'{path}' was trained on {len(trained)} classes but the config names "
+                         f"{len(config.class_names(cfg))} (data.base_classes + data.novel_classes); "
+                         f"a --set cannot change the classes of a trained model: detect other "
+                         f"names with --images ... --vocabulary \"a,b,c\"")
     # The class text embeddings are a buffer of the model: take them from the checkpoint, so that
     # evaluation does not need the teacher's knowledge folder.
     model = hdovd.build_hdovd(cfg, class_embeddings=ckpt["model"].get("class_embeddings"))

@@ -72,6 +72,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -193,8 +194,15 @@ def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, schedu
                     rank: int, world_size: int) -> tuple[int, dict | None]:
     """Restore everything needed for the next step to be the one an uninterrupted run takes;
     returns (step, metrics of the last evaluation or None)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    check_resume_config(ckpt["config"], config.config_to_dict(cfg), path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+        saved_config = ckpt["config"]
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise config.ConfigError(
+            f"cannot resume from '{path}': not a readable train.py checkpoint ({type(e).__name__}: "
+            f"{e}). Delete it (or --set train.resume=false) to start this run over, or use "
+            f"another run.name") from None
+    check_resume_config(saved_config, config.config_to_dict(cfg), path)
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -248,9 +256,12 @@ def all_rank_states(ddp: bool, world_size: int, raw_model) -> tuple[list[dict], 
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Fail at the start, not after hours of preparation, when the run directory cannot be written."""
+    """Fail at the start, not after hours of preparation, when the run directory cannot be
+    written; remove the temporary files a killed run left there (data.write_atomic's)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):
+            shutil.rmtree(stale)
         data.write_atomic(run_dir / ".write_test", lambda tmp: tmp.write_text("ok"))
         (run_dir / ".write_test").unlink()
     except OSError as e:
@@ -473,8 +484,11 @@ def main(argv=None) -> dict | None:
     if ddp:
         # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
         # heads without gradient. broadcast_buffers=False (mmdet): each rank keeps its own queues.
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.14 deprecates the name, and for rank-local
+            # buffers advises to keep it until its replacement exists: no need to say so per rank
+            warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+            model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=True, broadcast_buffers=False)
     weights = hdovd.loss_weights(cfg)
     optimizer = build_optimizer(raw_model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
@@ -523,6 +537,7 @@ def main(argv=None) -> dict | None:
             dist.all_reduce(reduced)
             reduced /= world_size
         if not torch.isfinite(reduced).all():
+            log.close()  # the progress bar's line ends before the loss dict
             print(f"[rank {rank}] step {step + 1}: total={total.item()} "
                   f"losses={ {k: v.item() for k, v in outputs.items()} }", file=sys.stderr)
             if ddp:
@@ -577,6 +592,8 @@ def cli(argv=None) -> dict | None:
     try:
         return main(argv)
     except (config.ConfigError, data.DataError, clip_io.TeacherError, OSError, ValueError) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
+            bar.close()
         sys.exit(f"train.py: error: {data.error_line(e)}")
 
 

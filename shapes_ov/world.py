@@ -147,7 +147,12 @@ def _dataset_built(cfg) -> bool:
     needed = ("train_ann", "val_ann", "captions") + (("train_all_ann",) if cfg.data.oracle else ())
     if not all(paths[k].is_file() for k in needed):
         return False
-    info = json.loads(paths["val_ann"].read_text()).get("info", {})
+    try:
+        info = json.loads(paths["val_ann"].read_text()).get("info", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{paths['val_ann']} is not a Shapes-OV annotation file ({e}); run "
+                         "`python -m shapes_ov --config config.yaml --force` to rebuild the world") \
+            from None
     if info.get("world") != _world_info(cfg)["world"] or \
             info.get("base_classes") != list(cfg.data.base_classes) or \
             info.get("novel_classes") != list(cfg.data.novel_classes):
