@@ -11,7 +11,8 @@ RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot ex
 * ``build_hdovd(cfg, class_embeddings=None) -> HDOVD``. ``class_embeddings`` [C_all, D] are the
   prompt-ensembled CLIP text embeddings of ``config.class_names(cfg)`` (base, then novel)
   (default: read from ``<data.root>/<data.knowledge_dir>/class_embeddings.pt``, written by
-  knowledge/extract.py). They are a buffer, so a checkpoint is self-contained.
+  knowledge/extract.py, or with ``teacher.official_resources`` the official DetPro file, read in
+  place by knowledge/official.py). They are a buffer, so a checkpoint is self-contained.
 * ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
   numbers for logging only). ``images``: list of [3, H, W] normalised tensors; ``targets``: data.py
   dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge``: the per-image
@@ -25,6 +26,11 @@ RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot ex
 Hierarchy switches (``cfg.distill``): ``instance`` (H1), ``class_wise`` (H2 classification with
 pseudo boxes), ``text_space`` (H2 text-space distillation), ``image`` (H3). With all off the model
 is the base-only baseline: no pseudo boxes anywhere, CLIP text classifier only.
+
+Pseudo boxes (official faster_rcnn.py ``forward_train`` and standard_roi_head.py): those with
+both sides > ``model.pseudo_min_side_px`` in RESIZED pixels are usable; ALL usable boxes are RPN
+targets, and only the first ``model.max_pseudo_boxes`` of them (file order) are RoI-head classes,
+H1 teachers and H2 texts (``make_targets``).
 
 Deviations
 * Pseudo boxes are used by the RPN whenever H1 or H2 is on (official: tied to `use_pseudo_box`).
@@ -47,6 +53,7 @@ from torchvision.ops import batched_nms, remove_small_boxes
 
 import config
 import detector as detector_lib
+from knowledge import official
 from distill import (ImageDistiller, InstanceDistiller, TextSpaceDistiller,
                      weighted_classification_loss)
 
@@ -69,12 +76,15 @@ class HDOVD(nn.Module):
         self.inference = inference
 
     # -- targets -------------------------------------------------------------------------------
-    def select_pseudo(self, knowledge: dict) -> torch.Tensor:
-        """Indices of the usable pseudo boxes: both sides > min side, file order, at most N (§2.4)."""
-        boxes = knowledge["pseudo_boxes"]
+    def usable_pseudo(self, knowledge: dict) -> torch.Tensor:
+        """Indices of the usable pseudo boxes, in file order: both sides > min side (resized px).
+
+        All of them are RPN targets (official faster_rcnn.py: no cap); the RoI head takes the first
+        ``max_pseudo_boxes`` (standard_roi_head.py, METHOD §2.4 / §7).
+        """
+        boxes = knowledge["pseudo_boxes"]  # (P, 4), resized frame (data.py moves them with the image)
         wh = boxes[:, 2:] - boxes[:, :2]  # (P, 2)
-        keep = torch.where((wh > self.pseudo_min_side).all(dim=1))[0]
-        return keep[: self.max_pseudo_boxes]
+        return torch.where((wh > self.pseudo_min_side).all(dim=1))[0]
 
     def make_targets(self, targets: list[dict]):
         """Split data.py targets into RPN targets, RoI targets and the paired CLIP teachers."""
@@ -87,13 +97,15 @@ class HDOVD(nn.Module):
                 raise ValueError(f"image {t.get('image_id')}: a hierarchy needs offline CLIP knowledge "
                                  f"but the sample has none; build it with "
                                  f"`python -m knowledge --config config.yaml`")
-            p_idx = self.select_pseudo(know) if self.use_pseudo else torch.zeros(0, dtype=torch.long)
+            usable = self.usable_pseudo(know) if self.use_pseudo else torch.zeros(0, dtype=torch.long)
+            p_idx = usable[: self.max_pseudo_boxes]  # RoI-head pseudo classes (and H1/H2 pairs)
             p_boxes = know["pseudo_boxes"][p_idx] if self.use_pseudo else boxes.new_zeros(0, 4)
+            rpn_boxes = know["pseudo_boxes"][usable] if self.use_pseudo else p_boxes  # no cap
             first_pseudo_label = nb + sum(len(p) for p in pseudo_texts)  # batch-wide pseudo classes
             p_labels = first_pseudo_label + torch.arange(len(p_idx), device=dev)
             p_weight = (know["pseudo_weight"][p_idx] if (self.use_pseudo and self.class_wise)
                         else torch.zeros(len(p_idx), device=dev))
-            rpn_t.append({"boxes": torch.cat([boxes, p_boxes])})
+            rpn_t.append({"boxes": torch.cat([boxes, rpn_boxes])})
             roi_t.append({
                 "boxes": torch.cat([boxes, p_boxes]),
                 "labels": torch.cat([t["labels"], p_labels]),
@@ -142,15 +154,17 @@ class HDOVD(nn.Module):
         return losses
 
     def pool_instance_pairs(self, out: dict, teachers: list[torch.Tensor]):
-        """FRCNN H1 student (METHOD §4): per target, mean of fc_vis over its positive RoIs."""
+        """FRCNN H1 student (METHOD §4): per target, normalize(mean of the RAW fc_vis outputs of
+        its positive RoIs), as standard_roi_head.py ``F.normalize(torch.mean(...))``: RoIs with a
+        larger embedding norm weigh more than in a mean of unit vectors."""
         idx = out["roi_target_index"]
         pos = idx >= 0
         teacher = torch.cat(teachers)  # (T, D), batch-concatenated like roi_target_index
-        emb = F.normalize(out["roi_vis_emb"][pos].float(), dim=-1)  # (R+, D)
+        emb = out["roi_vis_emb"][pos].float()  # (R+, D), raw
         sums = emb.new_zeros(len(teacher), emb.shape[1]).index_add_(0, idx[pos], emb)  # (T, D)
         counts = torch.bincount(idx[pos], minlength=len(teacher))
         has = counts > 0
-        return sums[has] / counts[has, None], teacher[has]
+        return F.normalize(sums[has] / counts[has, None], dim=-1), teacher[has]
 
     def text_space_losses(self, out: dict, pseudo_texts: list[torch.Tensor],
                           pseudo_weights: list[torch.Tensor]):
@@ -212,7 +226,11 @@ def loss_weights(cfg) -> dict[str, float]:
 
 
 def load_class_embeddings(cfg) -> torch.Tensor:
-    """Read knowledge/extract.py's ``class_embeddings.pt`` and check it lists the configured classes in order."""
+    """Read knowledge/extract.py's ``class_embeddings.pt`` and check it lists the configured classes in order;
+    with ``teacher.official_resources``, the official DetPro file instead (never a copy of it)."""
+    if cfg.teacher.official_resources:
+        return official.load_class_embeddings(cfg.teacher.official_resources,
+                                              config.class_names(cfg))["embeddings"]
     path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
     if not path.is_file():
         raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
