@@ -66,6 +66,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -492,14 +493,14 @@ def write_atomic(path: str | Path, write) -> None:
 
     Readers (and a kill at any moment) see the old file or the new one, never half of one:
     os.replace is atomic on POSIX within a file system. The temporary file has the name of
-    ``path``, in a hidden folder ``.<pid>.tmp/`` beside it (per process, so shards never collide):
-    formats that record the file's name (torch.save names its archive folder after it) then give
-    the same bytes on every run. Folders are created when missing; the temporary file is removed
+    ``path``, in a hidden folder ``.<host>.<pid>.tmp/`` beside it (per process, so shards never
+    collide, on one machine or several sharing a disk): formats that record the file's name
+    (torch.save names its archive folder after it) then give the same bytes on every run. Folders are created when missing; the temporary file is removed
     when ``write`` fails. Used for every output: annotations, images, the teacher, knowledge files,
     checkpoints, logs' configs, metrics and detections.
     """
     path = Path(path)
-    tmp_dir = path.parent / f".{os.getpid()}.tmp"
+    tmp_dir = path.parent / f".{socket.gethostname()}.{os.getpid()}.tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / path.name
     try:

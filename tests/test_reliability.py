@@ -121,7 +121,7 @@ def _die_at_write(tmp_path: Path, writer: str, pattern: str, nth: int, target: s
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` but data.write_atomic's hidden ``.<pid>.tmp/`` folders -> bytes."""
+    """Every file under ``root`` but data.write_atomic's hidden temporary folders -> its bytes."""
     files = (p.relative_to(root) for p in sorted(root.rglob("*")) if p.is_file())
     return {f.as_posix(): (root / f).read_bytes() for f in files
             if not any(part.startswith(".") for part in f.parts)}
