@@ -1,12 +1,12 @@
 """Bad-input catalogue (issue 14): every case a user can run into goes through a command line
-entry point (``train.cli``, ``evaluate.main``, ``knowledge.extract.main``, ``shapes_ov.world.main``,
-``data.main``) and must end in one line, exit status 1, that names the problem and the fix, with no
-traceback. ``test_command_prints_one_line_without_traceback`` runs ``python train.py`` as a real
+entry point (``train.cli``, ``evaluate.main``, ``knowledge.extract.main``, ``shapes_ov.world.main``)
+and must end in one line, exit status 1, that names the problem and the fix, with no traceback. ``test_command_prints_one_line_without_traceback`` runs ``python train.py`` as a real
 process; the others call the entry points in-process and catch the SystemExit.
 
 Cases (the test that covers each):
   annotation JSON missing ........................ test_annotation_file_missing
-  annotation JSON empty / corrupt / not COCO ..... test_annotation_file_unreadable[*]
+  annotation JSON empty / corrupt / not COCO ..... test_annotation_file_unreadable[*],
+                                                   test_corrupt_val_file_of_the_world
   categories missing from the split .............. test_categories_missing_from_the_split
   image missing / corrupt / not an image / size .. test_image_unreadable[*] (with 2 data workers:
                                                    an error raised in a worker arrives unwrapped)
@@ -22,7 +22,8 @@ Cases (the test that covers each):
   unknown / mistyped config keys, no config file . test_config_mistakes[*]
   empty or duplicate vocabulary (config, --vocabulary)
                                                    test_vocabulary_mistakes[*]
-  --nproc_per_node larger than the dataset allows  test_more_processes_than_batches
+  --nproc_per_node larger than the dataset allows  test_more_processes_than_batches (the check in
+                                                   train.batches; under torchrun every rank prints it)
   a run directory that cannot be written ......... test_run_directory_not_writable
   a full disk during a checkpoint ................ test_full_disk_during_a_checkpoint
   NaN in a loss: stops, keeps the last good checkpoint
@@ -65,15 +66,16 @@ def _error(cli, argv, *patterns) -> str:
     return message
 
 
-def _root(sets: list[str]) -> Path:
-    return Path(next(s for s in sets if s.startswith("data.root="))[len("data.root="):])
+def _path(sets: list[str], key: str) -> Path:
+    """The value of ``key`` (data.root, run.out_dir) in a list of --set overrides."""
+    return Path(next(s for s in sets if s.startswith(f"{key}="))[len(key) + 1:])
 
 
 @pytest.fixture
 def copy(tiny_world, tmp_path):
     """A private copy of the tiny world to damage (its teacher folder linked, not copied); returns
     (its --set overrides, its root)."""
-    source, root = _root(tiny_world), tmp_path / "world"
+    source, root = _path(tiny_world, "data.root"), tmp_path / "world"
     shutil.copytree(source, root, ignore=shutil.ignore_patterns("teacher"))
     os.symlink(source / "teacher", root / "teacher")
     sets = [s for s in tiny_world if not s.startswith("data.root=")]
@@ -255,7 +257,7 @@ def test_clip_checkpoint_unreadable(copy, tmp_path):
 def _run_with_checkpoint(copy, checkpoint, change) -> list[str]:
     """The copy's --set, with run.name "resumed" whose ckpt.pth is ``checkpoint`` changed."""
     sets, root = copy
-    run = Path(next(s for s in sets if s.startswith("run.out_dir="))[len("run.out_dir="):]) / "resumed"
+    run = _path(sets, "run.out_dir") / "resumed"
     run.mkdir(parents=True)
     ckpt = torch.load(checkpoint, weights_only=False)
     if change == "damaged":
@@ -321,7 +323,7 @@ def test_vocabulary_mistakes(tiny_world, checkpoint, cli, argv, problem):
     if cli == "train":
         _error(train.cli, _train(tiny_world, *argv), problem)
     else:
-        image = str(Path(next(s for s in tiny_world if s.startswith("data.root="))[10:]) / "val/000001.png")
+        image = str(_path(tiny_world, "data.root") / "val" / "000001.png")
         _error(evaluate.main, [str(checkpoint), "--images", image, *argv], problem)
 
 
@@ -367,7 +369,7 @@ def test_full_disk_during_a_checkpoint(copy, monkeypatch):
            r"cannot write checkpoint '.*ckpt\.pth' at step 2", r"MB free there\)\. The previous "
            r"checkpoint is intact: free disk space .* run the same command again")
     monkeypatch.undo()
-    run = Path(next(s for s in sets if s.startswith("run.out_dir="))[len("run.out_dir="):]) / "disk"
+    run = _path(sets, "run.out_dir") / "disk"
     assert torch.load(run / "ckpt.pth", weights_only=False)["step"] == 1
     assert not list(run.glob(".*.tmp"))
 
@@ -395,7 +397,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(copy, monkeypatch, capsys):
                             r".*nan is untouched\. Try a lower train\.lr")
     assert "loss_cls" in capsys.readouterr().err  # the loss dict
     monkeypatch.undo()
-    run = Path(next(s for s in sets if s.startswith("run.out_dir="))[len("run.out_dir="):]) / "nan"
+    run = _path(sets, "run.out_dir") / "nan"
     assert torch.load(run / "ckpt.pth", weights_only=False)["step"] == 2
     assert train.cli(argv)["step"] == 4  # the same command resumes from it
 
