@@ -26,7 +26,10 @@ Dataset contract (``OVDetectionDataset``, built from config by ``build_dataset``
   ``w < 1 or h < 1`` and ``area <= 0``, so every kept box has an official embedding row);
   ``iscrowd`` boxes are never returned (counted in ``num_crowd_boxes``): training ignores them and
   COCOeval reads crowd regions from the GT file itself. With ``skip_images_without_base`` images with no
-  remaining base box are left out of ``ids`` (mmdet ``filter_empty_gt``).
+  remaining base box are left out of ``ids`` (mmdet ``filter_empty_gt``). A TRAIN dataset also leaves out
+  the boxes of novel classes (counted in ``num_novel_boxes``): your own dataset may give one file with
+  every category for both splits, and training still sees base boxes only (the official split builder
+  writes a base-only file instead; OV-COCO's and Shapes-OV's train files have none to drop).
 
 Knowledge FILE contract (written by knowledge/extract.py, read here): ``<knowledge_dir>/<image file stem>.pt``
 ---------------------------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class OVDetectionDataset(torch.utils.data.Dataset):
 
         # boxes per image, filtered once: arrays of ann ids [R], xyxy boxes [R, 4], labels [R]
         self.num_dropped_boxes = self.num_crowd_boxes = self.num_skipped_images = 0
+        self.num_novel_boxes = 0  # train: novel annotations left out (one file for train and val works)
         self._anns: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.ids = []
         for img_id in self.coco.getImgIds():  # file order
@@ -294,6 +298,9 @@ class OVDetectionDataset(torch.utils.data.Dataset):
             for ann in self.coco.imgToAnns[img_id]:
                 label = self.cat_id_to_label.get(ann["category_id"])
                 if label is None:  # a category outside the vocabulary (e.g. the 15 dropped COCO ones)
+                    continue
+                if train and label >= num_base_classes:  # OV training sees base boxes only (METHOD 8.1)
+                    self.num_novel_boxes += 1
                     continue
                 if ann.get("iscrowd", 0):
                     self.num_crowd_boxes += 1
@@ -400,6 +407,18 @@ class OVDetectionDataset(torch.utils.data.Dataset):
             "pseudo_txt_emb": k["pseudo_txt_emb"].float(),           # [P, D]
             "pseudo_weight": k["pseudo_weight"].float(),             # [P]
         }
+
+
+def check_training_set(dataset: OVDetectionDataset, verbose: bool = True) -> None:
+    """Refuse a training set without a usable image; report the boxes and images it left out."""
+    if len(dataset) == 0:
+        raise DataError(f"no image of '{dataset.ann_file}' has a usable base-class box "
+                        f"(data.skip_images_without_base left out all {dataset.num_skipped_images}); "
+                        f"check that data.base_classes names the file's categories")
+    if verbose and (dataset.num_dropped_boxes or dataset.num_skipped_images):
+        print(f"data: '{dataset.ann_file}': {dataset.num_dropped_boxes} boxes dropped (a side under "
+              f"data.min_box_side px once clipped to the image, or area <= 0), "
+              f"{dataset.num_skipped_images} images without a base box left out")
 
 
 def knowledge_dir(cfg) -> Path:

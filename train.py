@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -90,6 +91,10 @@ import evaluate
 import hdovd
 from knowledge import clip_io, extract
 from shapes_ov import world
+
+# torch 2.14 deprecates DDP's broadcast_buffers and, for rank-local buffers (our queues), advises
+# keeping it until its replacement exists: no need to say so once per rank.
+warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
 
 # Config keys a resumed run may change: where it runs, how it logs and evaluates, how long it
 # trains. (run.seed is not among them: it sets the data order.)
@@ -313,7 +318,7 @@ class RunLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def add(self, step: int, epoch: int, lr: float, values: dict, extra: dict | None = None) -> None:
+    def add(self, step: int, epoch: int, lr: float, values: dict, device: torch.device) -> None:
         for k, v in values.items():
             self.window[k].append(v)
         self.bar.update(1)
@@ -324,7 +329,9 @@ class RunLog:
         record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr}
         record.update({k: sum(v) / len(v) for k, v in sorted(self.window.items())})
         record.update({"ms_per_step": 1000 * dt, "images_per_s": self.images_per_step / dt,
-                       "eta_s": dt * (self.max_steps - step)}, **(extra or {}))
+                       "eta_s": dt * (self.max_steps - step)})
+        if device.type == "cuda":
+            record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         self.write(record)
         self.window, self.t0 = defaultdict(list), time.time()
 
@@ -360,6 +367,21 @@ def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: R
     if log.file is not None:
         tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
     return m
+
+
+def mean_over_ranks(losses: dict, total: torch.Tensor, names: list[str], ddp: bool,
+                    world_size: int) -> dict[str, float]:
+    """{name: mean over the ranks} of every loss in ``names`` (0 where this batch has none) and
+    of ``total``, in one all-reduce (DETR's reduce_dict: N processes log what one process with
+    their global batch would). ``names`` must be the same on every rank and hold every loss."""
+    if set(losses) - set(names):  # a new loss term needs its config weight
+        raise KeyError(f"no loss weight in cfg.loss for {sorted(set(losses) - set(names))}")
+    reduced = torch.stack([losses[k].detach() if k in losses else total.new_zeros(())
+                           for k in names] + [total.detach()])  # (len(names) + 1,)
+    if ddp:
+        dist.all_reduce(reduced)
+        reduced /= world_size
+    return dict(zip(names + ["total"], reduced.tolist()))
 
 
 def to_device(obj, device):
@@ -471,24 +493,13 @@ def main(argv=None) -> dict | None:
     # --- Data, model (DDP-wrapped), optimizer, schedule, AMP.
     train_set = data.build_dataset(cfg, "train", knowledge=True)
     val_set = data.build_dataset(cfg, "val", knowledge=False)
-    if len(train_set) == 0:
-        raise data.DataError(f"no image of '{train_set.ann_file}' has a usable base-class box "
-                             f"(data.skip_images_without_base left out all "
-                             f"{train_set.num_skipped_images}); check that data.base_classes "
-                             f"names the file's categories")
-    if master and (train_set.num_dropped_boxes or train_set.num_skipped_images):
-        print(f"train.py: '{train_set.ann_file}': {train_set.num_dropped_boxes} boxes dropped "
-              f"(a side under data.min_box_side px once clipped to the image, or area <= 0), "
-              f"{train_set.num_skipped_images} images without a base box left out")
+    data.check_training_set(train_set, verbose=master)
     raw_model = model = hdovd.build_hdovd(cfg).to(device)
     if ddp:
         # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
         # heads without gradient. broadcast_buffers=False (mmdet): each rank keeps its own queues.
-        with warnings.catch_warnings():  # torch 2.14 deprecates the name, and for rank-local
-            # buffers advises to keep it until its replacement exists: no need to say so per rank
-            warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
-            model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=True, broadcast_buffers=False)
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True, broadcast_buffers=False)
     weights = hdovd.loss_weights(cfg)
     optimizer = build_optimizer(raw_model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
@@ -522,21 +533,13 @@ def main(argv=None) -> dict | None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             outputs = model(images, targets)
         losses = {k: v.float() for k, v in outputs.items() if k.startswith("loss_")}
-        if set(losses) - set(weights):  # a new loss term needs its config weight
-            raise KeyError(f"no loss weight in cfg.loss for {sorted(set(losses) - set(weights))}")
         total = sum(weights[k] * v for k, v in losses.items())
 
-        # One all-reduce gives every rank the mean of each loss over the ranks, which the log
-        # shows (DETR's reduce_dict: N processes log what one process with their global batch
-        # would), and stops every rank when any has a non-finite loss (a lone exit would hang the
-        # others in the next all-reduce). Nothing is saved then: the last checkpoint stays good.
-        names = sorted(weights)  # the same on every rank, whichever terms this batch produced
-        reduced = torch.stack([losses[k].detach() if k in losses else total.new_zeros(())
-                               for k in names] + [total.detach()])  # (len(names) + 1,)
-        if ddp:
-            dist.all_reduce(reduced)
-            reduced /= world_size
-        if not torch.isfinite(reduced).all():
+        # One all-reduce gives every rank the mean of each loss over the ranks, which the log shows,
+        # and stops every rank when any has a non-finite loss (a lone exit would hang the others in
+        # the next all-reduce). Nothing is saved then: the last checkpoint stays the good one.
+        mean = mean_over_ranks(losses, total, sorted(weights), ddp, world_size)
+        if not all(map(math.isfinite, mean.values())):
             log.close()  # the progress bar's line ends before the loss dict
             print(f"[rank {rank}] step {step + 1}: total={total.item()} "
                   f"losses={ {k: v.item() for k, v in outputs.items()} }", file=sys.stderr)
@@ -549,7 +552,6 @@ def main(argv=None) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         values = {k: v.item() for k, v in outputs.items()}  # stat_*: this rank's
-        mean = dict(zip(names + ["total"], reduced.tolist()))
         values.update({k: mean[k] for k in losses})  # loss_*: mean over ranks, unscaled
         if cfg.train.clip_grad_norm > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
@@ -563,8 +565,7 @@ def main(argv=None) -> dict | None:
         # --- Logging (on rank 0), evaluation and checkpoints; their time is not step time.
         values.update({f"{k}_scaled": weights[k] * values[k] for k in losses}, total=mean["total"])
         lr = scheduler.get_last_lr()[0]
-        log.add(step, epoch, lr, values, {"max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-                if device.type == "cuda" else None)
+        log.add(step, epoch, lr, values, device)
         with log.paused():
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 metrics = run_evaluation(model, val_set, device, cfg, step, log)
@@ -572,8 +573,7 @@ def main(argv=None) -> dict | None:
                 save(step, all_rank_states(ddp, world_size, raw_model), metrics)
 
     # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate. RNG states
-    # and rank buffers are taken before the evaluation changes any, so a longer resumed run
-    # continues exactly.
+    # and rank buffers are taken before evaluation changes any: a longer resumed run continues exactly.
     states = all_rank_states(ddp, world_size, raw_model)
     save(step, states, metrics)
     metrics = run_evaluation(model, val_set, device, cfg, step, log)
