@@ -103,9 +103,13 @@ def default_artefacts() -> Artefacts | None:
         return None
     if not built:
         return None
+    if not _run_loads(cfg):
+        print(f"artefacts: {Path(cfg.run.out_dir) / cfg.run.name} was trained with config keys this "
+              f"code no longer has; retrain it to use the default artefacts")
+        return None
     runs = {label: _config([f"run.name={name}", *extra]) for label, (name, _, extra) in RUNS.items()}
     ckpts = {label: Path(c.run.out_dir) / c.run.name / "ckpt.pth" for label, c in runs.items()
-             if _finished(c)}
+             if _finished(c) and _run_loads(c)}
     return Artefacts("default", evaluate.load_checkpoint(ckpts["HD-OVD"])[1], ckpts)
 
 
