@@ -56,7 +56,7 @@ def make_dataset(tmp_path, transforms=None, train=True, **kwargs):
 
 
 def test_remap_follows_class_list_not_file_order(tmp_path):
-    ds = make_dataset(tmp_path)
+    ds = make_dataset(tmp_path, train=False)  # val keeps every class
     assert ds.cat_id_to_label == {3: 0, 12: 1, 7: 2, 1: 3}
     assert ds.label_to_cat_id == [3, 12, 7, 1]
     _, t = ds[0]
@@ -65,14 +65,16 @@ def test_remap_follows_class_list_not_file_order(tmp_path):
     assert t["boxes"].tolist() == [[20, 10, 60, 50], [120, 30, 180, 80]]  # xywh -> xyxy, no resize
     assert t["image_id"] == 1 and ds.image_info(0)["file_name"] == "a.png"
     assert t["orig_size"].tolist() == [100, 200] and t["labels"].dtype == torch.long
+    train = make_dataset(tmp_path)  # training sees base boxes only: the ring is left out
+    assert train[0][1]["ann_ids"].tolist() == [12] and train.num_novel_boxes == 3
 
 
 def test_degenerate_and_crowd_boxes(tmp_path):
-    ds = make_dataset(tmp_path)
+    ds = make_dataset(tmp_path, train=False)
     assert ds.num_dropped_boxes == 1 and ds.num_crowd_boxes == 1
     _, t = ds[1]
     assert t["ann_ids"].tolist() == [21]              # 22 degenerate (w=0.5), 23 crowd
-    ds = make_dataset(tmp_path, min_box_side=0.25)    # the threshold is a parameter
+    ds = make_dataset(tmp_path, train=False, min_box_side=0.25)  # the threshold is a parameter
     assert ds.num_dropped_boxes == 0 and ds[1][1]["ann_ids"].tolist() == [21, 22]
 
 
@@ -117,7 +119,7 @@ def test_flip_moves_boxes_and_pseudo_boxes_and_twice_restores():
 def test_pixels_stay_under_boxes_after_resize_and_flip(tmp_path):
     transforms = data.Compose([data.Resize(64, 90), data.RandomHorizontalFlip(1.0),
                                data.ToTensorNormalize([0.5] * 3, [0.5] * 3)])
-    ds = make_dataset(tmp_path, transforms)
+    ds = make_dataset(tmp_path, transforms, train=False)  # every class's box is drawn white
     for i in range(3):
         image, t = ds[i]
         assert t["flipped"] and tuple(image.shape[1:]) == tuple(t["size"].tolist())
@@ -173,8 +175,8 @@ def test_knowledge_aligned_by_annotation_id(tmp_path):
     assert t["knowledge"]["gt_emb"].shape == (1, D) and torch.equal(t["knowledge"]["gt_emb"][0], emb_b[21])
     assert t["knowledge"]["pseudo_boxes"].shape == (0, 4)
     # a kept box without a row: clear error naming the file and the fix
-    _write_knowledge(kdir, "a", [13, 12], num_pseudo=1)
-    with pytest.raises(data.DataError, match=r"a\.pt.*\[11\].*python -m knowledge"):
+    _write_knowledge(kdir, "a", [13, 11], num_pseudo=1)
+    with pytest.raises(data.DataError, match=r"a\.pt.*\[12\].*python -m knowledge"):
         ds[0]
 
 
