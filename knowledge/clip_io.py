@@ -61,10 +61,11 @@ def resolve_clip_path(name_or_path: str, clip_dir: str = "") -> Path:
         if (d / file_name).is_file():
             return d / file_name
     raise TeacherError(
-        f"CLIP checkpoint {file_name} for '{name_or_path}' not found in "
-        f"{', '.join(str(d) for d in dirs)} (this machine is offline). Download "
-        f"{urls[name_or_path]} on a connected machine and put it into one of these folders "
-        f"(teacher.clip_dir or $HDOVD_CLIP_DIR), or set teacher.clip_model to its path")
+        f"CLIP checkpoint {file_name} for '{name_or_path}' not found; expected at "
+        f"{' or '.join(str(d / file_name) for d in dirs)} (this machine is offline). Download "
+        f"{urls[name_or_path]} on a connected machine and put it at one of these paths "
+        f"(teacher.clip_dir or $HDOVD_CLIP_DIR name the folder), or set teacher.clip_model to "
+        f"its path")
 
 
 def load_clip(name_or_path: str, device="cpu", clip_dir: str = ""):

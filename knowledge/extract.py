@@ -60,7 +60,8 @@ Deviations:
   stats.json measures it on train base objects (``pseudo_label_acc``) and on val proposals with
   the present categories as caption nouns (``pseudo_label_acc_val_*``; shapes_ov/world.py's captions name
   every category present).
-* Images without any caption noun take the class names as candidate nouns.
+* Images without any caption noun (all of them for a dataset without captions, ``data.captions``
+  "") take the noun list as candidate nouns: ``teacher.noun_vocab``, or the class names.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ from detector import batch_images
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
 from knowledge.oake import embed_images_and_boxes
 from knowledge.pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
-                           pseudo_weight)
+                           pseudo_weight, read_noun_vocab)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,12 +151,15 @@ def _gt_boxes(coco, info, cat_ids=None, crowd: bool = True):
 
 
 class NounBank:
-    """Caches prompt-ensembled noun embeddings (the class-embedding function, same templates)."""
+    """Caches prompt-ensembled noun embeddings (the class-embedding function, same templates).
 
-    def __init__(self, model, templates, class_names, class_emb):
+    ``fallback``: the candidate nouns of an image without caption nouns (the noun list)."""
+
+    def __init__(self, model, templates, class_names, class_emb, fallback: list[str]):
         self.model, self.templates = model, templates
         self.emb = dict(zip(class_names, class_emb))
-        self.class_names = list(class_names)
+        self.fallback = list(fallback)
+        self.add(self.fallback)
 
     def add(self, nouns):
         # one batched text forward for all new nouns (COCO: ~1,300 nouns x 80 templates)
@@ -164,8 +168,8 @@ class NounBank:
             self.emb.update(zip(new, text_embeddings(self.model, new, self.templates)))
 
     def candidates(self, nouns: list[str]):
-        """(nouns, (N, D)); an image without caption nouns falls back to the class names."""
-        nouns = nouns or self.class_names
+        """(nouns, (N, D)); an image without caption nouns falls back to the noun list."""
+        nouns = nouns or self.fallback
         return nouns, torch.stack([self.emb[n] for n in nouns])
 
 
@@ -419,8 +423,9 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     timing["proposal_infer"] = time.time() - tick
 
     tick = time.time()
-    nouns = caption_nouns(cfg, build_noun_matcher(cfg))
-    bank = NounBank(model, templates, names, class_emb)
+    nouns = caption_nouns(cfg, build_noun_matcher(cfg))  # {} without captions (data.captions "")
+    noun_list = [entry[0] for entry in read_noun_vocab(t.noun_vocab)] if t.noun_vocab else names
+    bank = NounBank(model, templates, names, class_emb, fallback=noun_list)
     bank.add(n for found in nouns.values() for n in found)
     cal_path = kdir / "calibration.json"  # fitted constants, shared by all shards and re-runs
     if t.weight_a is not None or force or not cal_path.is_file():

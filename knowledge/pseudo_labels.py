@@ -111,12 +111,17 @@ def build_noun_matcher(cfg) -> NounMatcher:
 
 
 def caption_nouns(cfg, matcher: NounMatcher) -> dict[int, list[str]]:
-    """image id -> nouns of all its captions (data.captions, COCO captions format)."""
+    """image id -> nouns of all its captions (data.captions, COCO captions format); ``{}`` when
+    ``data.captions`` is "" (a dataset without captions: every image takes the noun list)."""
+    if not cfg.data.captions:
+        return {}
     path = Path(cfg.data.root) / cfg.data.captions
     if not path.is_file():
         raise FileNotFoundError(f"captions file '{path}' (data.captions) not found; Shapes-OV: "
                                 f"`python -m shapes_ov --config config.yaml`; COCO: "
-                                f"annotations/captions_train2017.json from cocodataset.org")
+                                f"annotations/captions_train2017.json from cocodataset.org; a dataset "
+                                f"without captions: set data.captions to \"\" (pseudo labels then "
+                                f"come from teacher.noun_vocab, or the class names)")
     try:
         anns = json.loads(path.read_text())["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:

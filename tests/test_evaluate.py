@@ -1,9 +1,15 @@
 """evaluate.py: the novel / base / all AP50 split against numbers computed by hand, result
 conversion to the original frame, vocabulary parsing, and the checkpoint error messages."""
+import contextlib
+import io
 import json
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
 import evaluate
@@ -129,13 +135,52 @@ def test_flipped_eval_image_is_an_error():
         evaluate.detections_to_coco([det], [target], [1])
 
 
-def test_vocabulary_orders_base_names_first():
-    names, nb = evaluate.parse_vocabulary(" ring, circle ,dog,square", ["circle", "square", "star"])
-    assert names == ["circle", "square", "ring", "dog"] and nb == 2
+def test_precision_recall_curves_match_hand_computed_values(tmp_path):
+    m = evaluate.coco_metrics(_gt(tmp_path), DETECTIONS, BASE_IDS, NOVEL_IDS, curves=True)
+    curves = m["pr_curves"]
+    assert len(curves["recall"]) == 101 and curves["recall"][0] == 0 and curves["recall"][-1] == 1
+    # base: circle precision 100 and square 50 at every recall point (star has no GT: left out)
+    assert curves["base"] == pytest.approx([75.0] * 101)
+    # novel: ring 100 up to recall 0.5 then 0, crescent 0 everywhere
+    assert curves["novel"] == pytest.approx([50.0] * 51 + [0.0] * 50)
+    assert "pr_curves" not in evaluate.coco_metrics(_gt(tmp_path), DETECTIONS, BASE_IDS, NOVEL_IDS)
+
+
+def test_vocabulary_parsing():
+    assert evaluate.parse_vocabulary(" ring, circle ,dog,") == ["ring", "circle", "dog"]
+    assert evaluate.parse_vocabulary(["hot dog", " kite "]) == ["hot dog", "kite"]
     with pytest.raises(ValueError, match="no class names"):
-        evaluate.parse_vocabulary(" , ", ["circle"])
-    with pytest.raises(ValueError, match="more than once"):
-        evaluate.parse_vocabulary("dog,dog", ["circle"])
+        evaluate.parse_vocabulary(" , ")
+    with pytest.raises(ValueError, match=r"names \['Dog', 'dog'\] more than once"):
+        evaluate.parse_vocabulary("dog,Dog")
+
+
+def test_vocabulary_file(tmp_path):
+    (tmp_path / "names.txt").write_text("# my classes\nhot dog\n\n kite\n")
+    assert evaluate.read_vocabulary_file(tmp_path / "names.txt") == ["hot dog", "kite"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="empty.txt .* holds no class names"):
+        evaluate.read_vocabulary_file(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="--vocabulary-file .*nope.txt"):
+        evaluate.read_vocabulary_file(tmp_path / "nope.txt")
+
+
+def test_plots_are_written(tmp_path):
+    m = evaluate.coco_metrics(_gt(tmp_path), DETECTIONS, BASE_IDS, NOVEL_IDS, curves=True)
+    evaluate.plot_ap_per_class(m["per_class_AP50"], ["circle", "square", "star"], ["ring", "crescent"],
+                               tmp_path / "p" / "ap.png")
+    evaluate.plot_pr_curves(m["pr_curves"], tmp_path / "p" / "pr.png")
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "train", "step": 1, "loss_cls_scaled": 2.0, "loss_box_scaled": 0.5, "total": 2.5},
+        {"kind": "eval", "step": 1, "AP50_novel": 3.0},
+        {"kind": "train", "step": 2, "loss_cls_scaled": 1.0, "loss_box_scaled": 0.25, "total": 1.25}]))
+    evaluate.plot_loss_curves(log, tmp_path / "p" / "loss.png")
+    for name in ("ap.png", "pr.png", "loss.png"):
+        with Image.open(tmp_path / "p" / name) as im:
+            assert im.size[0] >= 480 and np.asarray(im.convert("L")).std() > 0
+    with pytest.raises(FileNotFoundError, match="train.py writes"):
+        evaluate.plot_loss_curves(tmp_path / "missing.jsonl", tmp_path / "x.png")
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
@@ -163,36 +208,100 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
         evaluate.load_checkpoint(tmp_path / "ckpt.pth")
 
 
-def test_commands_on_a_trained_checkpoint(tiny_world, tmp_path, capsys):
-    """`python evaluate.py ckpt` and the custom-vocabulary mode, on a 1-step run of the tiny world."""
-    import config
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_world, tmp_path_factory):
+    """The checkpoint of a 1-step train.py run on the tiny world (plumbing, not accuracy)."""
     import train
     from conftest import REPO
 
+    out = tmp_path_factory.mktemp("tiny_run")
     train.main(["--config", str(REPO / "config.yaml"), "--set", *tiny_world,
-                f"run.out_dir={tmp_path}", "run.name=r", "train.max_steps=1"])
-    ckpt = tmp_path / "r" / "ckpt.pth"
-    metrics = evaluate.main([str(ckpt), "--set", "eval.max_images=3", "--out-dir",
-                             str(tmp_path / "ev")])
+                f"run.out_dir={out}", "run.name=r", "train.max_steps=1"])
+    return out / "r" / "ckpt.pth"
+
+
+def _val_images(tiny_world, n):
+    import config
+    from conftest import REPO
+
+    cfg = config.load_config(REPO / "config.yaml", tiny_world)
+    return sorted((REPO / cfg.data.root / cfg.data.val_images).glob("*.png"))[:n]
+
+
+def test_val_command_writes_metrics_detections_and_plots(tiny_ckpt, tmp_path):
+    metrics = evaluate.main([str(tiny_ckpt), "--set", "eval.max_images=3", "--out",
+                             str(tmp_path / "ev"), "--plots", str(tmp_path / "plots")])
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert saved["num_images"] == 3 and saved["step"] == 1
+    assert saved["num_images"] == 3 and saved["step"] == 1 and "pr_curves" not in saved
     assert set(evaluate.METRIC_KEYS) <= set(saved) and saved == json.loads(json.dumps(metrics))
     dets = json.loads((tmp_path / "ev" / "detections_val.json").read_text())
     assert dets and {d["image_id"] for d in dets} <= {1, 2, 3}
     assert all(len(d["bbox"]) == 4 and 0 <= d["bbox"][0] <= 128 for d in dets)
+    for name in ("ap50_per_class.png", "pr_curves.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
 
-    cfg = config.load_config(REPO / "config.yaml", tiny_world)
-    val = sorted((REPO / cfg.data.root / cfg.data.val_images).glob("*.png"))[:2]
-    records = evaluate.main([str(ckpt), "--images", *map(str, val), "--vocabulary",
-                             "ring, circle ,kite", "--out", str(tmp_path / "out"),
-                             "--set", "eval.vis_score_thresh=0.0"])
-    out = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert out["vocabulary"] == ["circle", "ring", "kite"] and out["novel"] == ["ring", "kite"]
-    assert [r["file"] for r in out["images"]] == [str(v) for v in val] == [r["file"] for r in records]
+
+def test_images_command_writes_pictures_and_coco_results(tiny_ckpt, tiny_world, tmp_path):
+    val = _val_images(tiny_world, 2)
+    out = tmp_path / "out"
+    evaluate.main([str(tiny_ckpt), "--images", *map(str, val), "--vocabulary", "ring, circle ,kite",
+                   "--out", str(out), "--set", "eval.vis_score_thresh=0.0"])
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(str(out / "dataset.json"))
+        results = gt.loadRes(str(out / "detections.json"))  # ids resolve: COCO's own loader
+    assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == ["ring", "circle", "kite"]
+    assert [c["novel"] for c in gt.loadCats(gt.getCatIds())] == [True, False, True]
+    assert [gt.imgs[i]["file_name"] for i in (1, 2)] == [str(v) for v in val]
+    assert len(results.anns) > 0 and {a["image_id"] for a in results.anns.values()} <= {1, 2}
     for v in val:
-        assert (tmp_path / "out" / f"{v.stem}.png").stat().st_size > 0
-    labels = {d["label"] for r in out["images"] for d in r["detections"]}
-    assert labels <= {"circle", "ring", "kite"}
+        with Image.open(out / f"{v.stem}.png") as im:
+            assert im.size == (512, 512)  # 128 px images are drawn enlarged
+
+    # no vocabulary: the checkpoint's classes; a vocabulary file: one name per line
+    evaluate.main([str(tiny_ckpt), "--images", str(val[0]), "--out", str(tmp_path / "all")])
+    cats = json.loads((tmp_path / "all" / "dataset.json").read_text())["categories"]
+    assert len(cats) == 16 and sum(c["novel"] for c in cats) == 4
+    (tmp_path / "names.txt").write_text("crescent\nstar\n")
+    evaluate.main([str(tiny_ckpt), "--images", str(val[0]), "--vocabulary-file",
+                   str(tmp_path / "names.txt"), "--out", str(tmp_path / "file")])
+    cats = json.loads((tmp_path / "file" / "dataset.json").read_text())["categories"]
+    assert [c["name"] for c in cats] == ["crescent", "star"]
+
+
+def test_images_command_errors_are_one_clear_line(tiny_ckpt, tiny_world, tmp_path, capsys):
+    val = str(_val_images(tiny_world, 1)[0])
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (["--images", val, "--vocabulary", " , "], "holds no class names"),
+        (["--images", val, "--vocabulary", "ring,Ring"], r"\['Ring', 'ring'\] more than once"),
+        (["--images", str(tmp_path / "nope.png"), "--vocabulary", "ring"], "nope.png' not found"),
+        (["--images", str(tmp_path / "notes.png")], "notes.png' is not an image"),
+        (["--images", val, "--vocabulary", "ring,kite", "--set",
+          f"teacher.clip_model={tmp_path / 'gone' / 'clip.pt'}"], r"\['kite'\] .*teacher\.clip_model"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main([str(tiny_ckpt), *args, "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
-        evaluate.main([str(ckpt), "--images", str(val[0])])
-    assert "--images and --vocabulary go together" in capsys.readouterr().err
+        evaluate.main([str(tiny_ckpt), "--vocabulary", "ring"])
+    assert "need --images" in capsys.readouterr().err
+
+
+def test_readme_api_example_runs_as_written(tiny_ckpt, tiny_world, tmp_path, monkeypatch, capsys):
+    """The README's Python example, verbatim, against the tiny checkpoint put where it looks."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    code = next(block.split("\n", 1)[1] for block in readme.split("```")[1::2]
+                if block.startswith("python\n") and "Predictor.from_pretrained" in block)
+    ckpt_path = re.search(r'from_pretrained\("([^"]+)"\)', code).group(1)
+    image_path = re.search(r'predictor\("([^"]+)"', code).group(1)
+    picture = re.search(r'\.draw\("([^"]+)"\)', code).group(1)
+    (tmp_path / ckpt_path).parent.mkdir(parents=True)
+    shutil.copy(tiny_ckpt, tmp_path / ckpt_path)
+    (tmp_path / image_path).parent.mkdir(parents=True)
+    shutil.copy(_val_images(tiny_world, 1)[0], tmp_path / image_path)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    with Image.open(tmp_path / picture) as im:
+        assert im.size[0] >= 512

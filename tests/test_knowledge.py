@@ -174,8 +174,9 @@ def test_load_clip_jit_archive_equals_state_dict(clip_path, tmp_path):
 
 def test_load_clip_offline_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HDOVD_CLIP_DIR", str(tmp_path / "env"))
-    with pytest.raises(clip_io.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic"):
+    with pytest.raises(clip_io.TeacherError, match=r"ViT-B-32\.pt.*offline.*openaipublic") as err:
         clip_io.resolve_clip_path("ViT-B/32", str(tmp_path / "mine"))
+    assert str(tmp_path / "mine" / "ViT-B-32.pt") in str(err.value)  # the expected path, in full
     with pytest.raises(clip_io.TeacherError, match="neither a file nor an OpenAI CLIP name"):
         clip_io.resolve_clip_path("no/such/model.pt")
     (tmp_path / "env").mkdir()
