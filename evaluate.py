@@ -90,7 +90,7 @@ import torch.distributed as dist
 from matplotlib.patches import Rectangle
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
+import progress
 
 import config
 import data
@@ -243,7 +243,7 @@ def evaluate_model(model, dataset, device, batch_size: int, text_embeddings=None
         shuffle=False, num_workers=num_workers, collate_fn=data.collate,
         pin_memory=torch.device(device).type == "cuda")
     results = []
-    for images, targets in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
+    for images, targets in progress.bar(loader, desc="eval", master=rank == 0, leave=False):
         images = [im.to(device, non_blocking=True) for im in images]
         dets = model.detect(images, text_embeddings=text_embeddings)
         results += detections_to_coco(dets, targets, dataset.label_to_cat_id)

@@ -76,6 +76,7 @@ from torchvision.ops import box_iou
 
 import config as config_lib
 import data
+import progress
 from knowledge import official, proposals as proposals_lib
 from detector import batch_images
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
@@ -190,7 +191,8 @@ def _calibration(cfg, model, preprocess, train, nouns, bank, log) -> dict:
     gts = [_gt_boxes(train.coco, info, base_cats, crowd=False) for info in infos]
     cos, correct = [], []
     for idx, _, embs in embed_images_and_boxes(model, preprocess, cfg.teacher, train.image_dir,
-                                               infos, [g[1] for g in gts], cfg.data.num_workers):
+                                               infos, [g[1] for g in gts], cfg.data.num_workers,
+                                               "calibration"):
         for i, emb in zip(idx, embs):
             if len(emb) == 0:
                 continue
@@ -253,7 +255,7 @@ def run_proposals(net, cfg, split: str, batches: list[list[int]], device) -> dic
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=cfg.data.num_workers, collate_fn=data.collate)
     out = {}
-    for images, targets in loader:
+    for images, targets in progress.bar(loader, desc=f"proposals {split}", leave=False):
         padded = batch_images(images)
         batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)
@@ -326,7 +328,7 @@ def compute_stats(cfg, model, preprocess, net, train, class_emb) -> dict:
     hits = {"base": [0, 0], "novel": [0, 0]}
     label_hits = {"base": [0, 0], "novel": [0, 0]}
     for idx, _, embs in embed_images_and_boxes(model, preprocess, cfg.teacher, val.image_dir, infos,
-                                               boxes, cfg.data.num_workers):
+                                               boxes, cfg.data.num_workers, "stats (val)"):
         for i, emb in zip(idx, embs):
             labels = torch.tensor([val.cat_id_to_label[c] for c in gts[i][2]], dtype=torch.long)
             n_gt = len(labels)

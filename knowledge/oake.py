@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import data
+import progress
 from knowledge.clip_io import model_device
 
 
@@ -267,7 +267,7 @@ def embed_images_and_boxes(model, preprocess, tcfg, image_dir, infos, boxes, num
                        token_grid(model, t.upsample))
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.image_batch_size,
                                          num_workers=num_workers, collate_fn=_as_list)
-    bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=desc is None)
+    bar = progress.bar(total=len(dataset), desc=desc, unit="img", master=None if desc else False)
     for items in loader:
         crops = torch.cat([it["crops"] for it in items])   # (sum R_i, 3, S, S)
         masks = torch.cat([it["masks"] for it in items])   # (sum R_i, g*g)

@@ -70,6 +70,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import data
+import progress
 from detector import batch_images, build_backbone
 from knowledge.official import read_proposal_pkl
 
@@ -218,6 +219,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
         opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
     schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
     start, step, smooth = time.time(), 0, None
+    bar = progress.bar(total=pcfg.max_steps, desc="proposal net", leave=False)
     while True:
         for images, targets in loader:
             if step >= pcfg.max_steps:
@@ -238,12 +240,13 @@ def train_proposal_net(cfg, device="cpu", log=print):
             schedule.step()
             step += 1
             smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-            if step % 50 == 0:
-                log(f"proposal net step {step} loss {smooth:.4f} lr {lr:.2e} "
-                    f"{time.time() - start:.0f}s")
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
         else:
             continue
         break
+    bar.close()
+    log(f"proposal net: {step} steps, loss {smooth:.4f}, {time.time() - start:.0f}s")
     info = {"steps": step, "seconds": time.time() - start, "final_loss": smooth,
             "config": asdict(pcfg)}
     return net.eval(), info
