@@ -8,8 +8,8 @@ Every notebook starts with ``art = artefacts.get()``. Two kinds of artefacts:
 * ``tiny``: the same pipeline at toy size, built on first use by the project's own command
   ``python train.py --config config.yaml --set <TINY>`` (which builds the world, pre-trains the
   teacher and extracts the knowledge first) and once more with the three hierarchies off:
-  320 train / 64 val images, a teacher pre-trained for 400 steps, a proposal network for 200,
-  detectors for 200. It lives in ``data/notebooks_tiny/`` and ``runs/notebooks_tiny_*`` and is
+  320 train / 64 val images, a teacher pre-trained for 400 steps, a proposal network for 150,
+  detectors for 150. It lives in ``data/notebooks_tiny/`` and ``runs/notebooks_tiny_*`` and is
   rebuilt when a value of its resolved config changes (delete those folders to force it). Its
   numbers are far from the default's; it shows the mechanics, not the results.
 
@@ -50,9 +50,9 @@ TINY = [  # --set overrides of config.yaml: the default pipeline at toy size (mo
     f"data.root={TINY_ROOT}", f"teacher.clip_model={TINY_ROOT}/teacher/clip.pt",
     "world.num_train=320", "world.num_val=64",
     "clip_pretrain.num_scenes=1600", "clip_pretrain.max_steps=400",
-    "teacher.calibration_images=320", "teacher.proposals.max_steps=200",
-    "train.max_steps=200", "train.warmup_steps=50", "train.milestones=[140, 180]",
-    "train.ckpt_every=0", "train.log_every=20",
+    "teacher.calibration_images=320", "teacher.proposals.max_steps=150",
+    "train.max_steps=150", "train.warmup_steps=40", "train.milestones=[100, 135]",
+    "train.ckpt_every=0", "train.log_every=10",
 ]
 RUNS = {  # label -> (default run name, tiny run name, extra overrides)
     "HD-OVD": ("shapes_ov_frcnn", "notebooks_tiny_hdovd", []),
@@ -148,7 +148,8 @@ def tiny_artefacts(log=print) -> Artefacts:
         built = json.loads(fingerprint.read_text()) if fingerprint.is_file() else None
         if built is None or _changed(built, wanted):
             if built is not None:
-                log(f"tiny artefacts built with other values of {_changed(built, wanted)}: rebuilding")
+                keys = sorted({k.split(".", 1)[1] for k in _changed(built, wanted)})  # minus the run label
+                log(f"tiny artefacts built with other values of {', '.join(keys)}: rebuilding")
             for label, overrides in runs.items():  # our own cache, from another config: start over
                 shutil.rmtree(Path("runs") / _config(overrides).run.name, ignore_errors=True)
             shutil.rmtree(TINY_ROOT, ignore_errors=True)
