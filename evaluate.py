@@ -88,6 +88,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from matplotlib.patches import Rectangle
+from matplotlib.patheffects import withStroke
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 import progress
@@ -344,7 +345,7 @@ def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None, plots_dir=None)
 # Your vocabulary on your images: the Python API.
 # ----------------------------------------------------------------------------------------------
 
-BASE_COLOR, NOVEL_COLOR = "#1f77b4", "#ff7f0e"  # matplotlib's first two: blue base, orange novel
+BASE_COLOR, NOVEL_COLOR = "#33b5ff", "#ff7f0e"  # light blue base, orange novel (seen on dark and light)
 
 
 def parse_vocabulary(vocabulary, source: str = "--vocabulary") -> list[str]:
@@ -397,10 +398,12 @@ def to_pil(image) -> Image.Image:
             image = image[..., 0]  # (H, W)
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ValueError(f"an image array must be [H, W] or [H, W, 3], got {list(image.shape)}")
+        if np.issubdtype(image.dtype, np.integer) and image.size and 0 <= image.min() <= image.max() <= 255:
+            image = image.astype(np.uint8)  # e.g. int64 0-255 from arithmetic on a uint8 picture
         if image.dtype != np.uint8:
             if image.size and (image.min() < 0 or image.max() > 1):
-                raise ValueError(f"a float image must hold values in [0, 1], got [{image.min():.3g}, "
-                                 f"{image.max():.3g}]; pass uint8 for 0-255 values")
+                raise ValueError(f"a {image.dtype} image must hold floats in [0, 1] or integers in "
+                                 f"0-255, got values in [{image.min():.3g}, {image.max():.3g}]")
             image = (image * 255).round().astype(np.uint8)
         return Image.fromarray(image).convert("RGB")
     raise TypeError(f"cannot read an image from a {type(image).__name__}; give a path, a PIL image, "
@@ -454,7 +457,8 @@ class Detections:
             if score < thresh:
                 continue
             color = NOVEL_COLOR if self.novel[label] else BASE_COLOR
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, color=color))
+            box = ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, color=color))
+            box.set_path_effects([withStroke(linewidth=4, foreground="black")])  # seen on any background
             ax.text(x1, y1, f"{self.vocabulary[label]} {score:.2f}", color="white", fontsize=9,
                     va="bottom", bbox=dict(facecolor=color, alpha=0.85, pad=1, lw=0))
         fig.canvas.draw()
@@ -579,9 +583,13 @@ def plot_ap_per_class(per_class_ap50: dict, base: list[str], novel: list[str], p
            color=[NOVEL_COLOR if n in novel else BASE_COLOR for n in names])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("AP50 (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)  # room above the bars for the legend
+    ax.set_yticks(range(0, 101, 20))
+    means = {split: np.mean([per_class_ap50[n] for n in names if n in group] or [0.0])
+             for split, group in (("novel", novel), ("base", base))}
     ax.legend(handles=[Rectangle((0, 0), 1, 1, color=NOVEL_COLOR), Rectangle((0, 0), 1, 1, color=BASE_COLOR)],
-              labels=["novel", "base"], loc="lower right", fontsize=8)
+              labels=[f"novel (mean {means['novel']:.1f})", f"base (mean {means['base']:.1f})"],
+              loc="upper center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     _save(fig, png)
 
@@ -621,6 +629,7 @@ def plot_loss_curves(log_jsonl, png) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("weighted loss")
+    ax.set_title(f"training losses, {path.parent.name}", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _save(fig, png)

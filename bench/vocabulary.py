@@ -100,8 +100,8 @@ def main(argv=None):
     n = len(dataset) if args.max_images <= 0 else min(args.max_images, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)),
                                          batch_size=cfg.eval.batch_size, collate_fn=data.collate)
-    # forward of the detector alone, shared by every vocabulary (hdovd's detect = detections(forward))
-    forward = getattr(model.detector, "predict", model.detector)
+    # the student's forward once per batch, shared by every vocabulary (detect = detections(predict))
+    forward = model.detector.predict
     modes = ("alone", "compete", "predictor")
     counts = {(v, m): [0, 0, 0] for v in range(len(vocabs_novel)) for m in modes}  # tp, dets, gt
     single = {m: [0, 0] for m in modes}  # hits, images
