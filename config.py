@@ -127,7 +127,7 @@ class WorldConfig:
                                         # range (0-255 scale); chosen here
     lines: list[int] = field(default_factory=lambda: [0, 2])  # WORLD.md: 0-2 thin background lines
     # Realism knobs (issue 15; the defaults keep WORLD.md's world byte for byte). Measured effects:
-    # README "The ablation ladder" and LOG.md 2026-12-01; configs/shapes_ov_ladder.yaml uses them.
+    # README "The ablation ladder", LOG.md 2026-11-30 "Issue 15"; configs/shapes_ov_ladder.yaml.
     distractor_classes: list[str] = field(default_factory=list)  # shapes drawn like any other
                                         # but in no vocabulary: never annotated, named in captions
                                         # by a word no noun matches (COCO's 15 unused classes)
@@ -321,6 +321,11 @@ class AdaMixerConfig:
                                         # (official: no, it breaks; ADAMIXER.md C8)
     objectness_norm: str = "positions"  # generator objectness cosine normalised over "positions"
                                         # (official, ADAMIXER.md C1) or "channels" (per location)
+    objectness_scale_init: float = 1.0  # initial a in the generator's sigmoid(a·cos + b) (official
+                                        # obj_scale 1; a per-location cosine needs more, LOG.md)
+    zero_logit_init: bool = False       # start every class cosine near 0 as the Faster R-CNN head
+                                        # does (detector.init_zero_logit); official: fc_cls bias 0,
+                                        # xavier weights, so the first logits are ±50·cos at random
     pseudo_warmup_fraction: float = 0.083333  # share of train.max_steps with pseudo boxes and
                                         # distillation off (official: epoch 0 of 12, METHOD 6)
 

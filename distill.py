@@ -129,25 +129,28 @@ class ImageDistiller(nn.Module):
 
 
 def weighted_classification_loss(logits: torch.Tensor, labels: torch.Tensor,
-                                 weights: torch.Tensor) -> torch.Tensor:
+                                 weights: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
     """H2 novel-class-aware classification (METHOD §3.2, §7): weighted softmax CE.
 
     ``logits`` [R, C' + 1] over [base classes; pseudo-box noun texts of the batch; background];
     ``labels`` [R] in 0..C' (C' = background); ``weights`` [R] (1 base positives and negatives,
-    w_p pseudo positives, 0 ignored). ``L = Σ_r w_r·CE_r / #{r : w_r > 0}`` (official normaliser:
-    the number of samples with a positive weight).
+    w_p pseudo positives, 0 ignored). ``L = Σ_r w_r·CE_r / Z`` with Z = ``normalizer`` if given
+    (AdaMixer: the number of GT base boxes, METHOD §2.5), else #{r : w_r > 0} (Faster R-CNN's
+    official normaliser: the number of samples with a positive weight).
     """
     ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (R,)
-    return (weights * ce).sum() / (weights > 0).sum().clamp(min=1)
+    z = (weights > 0).sum().clamp(min=1) if normalizer is None else max(float(normalizer), 1.0)
+    return (weights * ce).sum() / z
 
 
 class TextSpaceDistiller(nn.Module):
     """H2 text-space distillation (METHOD §3.3): class prototypes ↔ CLIP text embeddings.
 
     ``forward(base_emb_raw [Mb, D], base_labels [Mb], pseudo_emb_raw [Mp, D], pseudo_text [Mp, D],
-    pseudo_weight [Mp], text [C_base, D]) -> {"loss_text_skd", "loss_text_rkd"}``.
+    pseudo_weight [Mp], text [C_base, D], base_iou=None) -> {"loss_text_skd", "loss_text_rkd"}``.
     * prototypes ``û_c`` = normalised mean of the (normalised) rows of each present base class
-      (the Faster R-CNN form; AdaMixer weights them by softmax of IoU);
+      (the Faster R-CNN form), or with ``base_iou`` [Mb] given (AdaMixer, ADAMIXER.md §1.3.1)
+      ``u_c = Σ_i softmax_i(IoU_i)·row_i`` over the raw rows of class c;
     * absent base classes are "padded" with an EMA bank ``g_c ← d·g_c + (1−d)·u_c``,
       ``d = 0.9999·(1 − exp(−k/2000))`` (k = updates), initialised with the base texts;
     * relational: ``relational_kl(Q, T)`` over all rows [present; pseudo; absent];
@@ -161,14 +164,21 @@ class TextSpaceDistiller(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.tau, self.rkd_scale, self.kd_temperature = tau, rkd_scale, kd_temperature
 
-    def forward(self, base_emb_raw, base_labels, pseudo_emb_raw, pseudo_text, pseudo_weight, text):
+    def forward(self, base_emb_raw, base_labels, pseudo_emb_raw, pseudo_text, pseudo_weight, text,
+                base_iou=None):
         present = torch.unique(base_labels)
         if len(present) < 2:
             zero = base_emb_raw.sum() * 0.0 + pseudo_emb_raw.sum() * 0.0
             return {"loss_text_skd": zero, "loss_text_rkd": zero}
-        rows = F.normalize(base_emb_raw.float(), dim=-1)
         one_hot = (base_labels[:, None] == present[None]).float()  # (Mb, P) membership
-        proto_raw = one_hot.t() @ rows / one_hot.sum(0)[:, None]  # (P, D) class means
+        if base_iou is None:  # Faster R-CNN form: mean of the normalised rows of each class
+            rows = F.normalize(base_emb_raw.float(), dim=-1)
+            pool = one_hot / one_hot.sum(0)  # (Mb, P)
+        else:  # AdaMixer form: raw rows weighted by softmax over the class's IoUs with their GT
+            rows = base_emb_raw.float()
+            logit = torch.where(one_hot > 0, base_iou.float()[:, None], torch.full_like(one_hot, -torch.inf))
+            pool = torch.softmax(logit, dim=0)  # (Mb, P), columns sum to 1
+        proto_raw = pool.t() @ rows  # (P, D) class prototypes u_c
         proto = F.normalize(proto_raw, dim=-1)
         with torch.no_grad():  # EMA bank of class centroids (one per base class)
             self.updates += 1

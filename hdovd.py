@@ -1,8 +1,9 @@
 """HD-OVD: a detector, the CLIP class texts and the three distillation hierarchies, joined.
 
 References: METHOD.md §1 (overview), §3.2 (novel-class-aware classification), §4–§6 (losses and
-weights), §7 (Faster R-CNN variant and its inference ensemble); official
-`mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`.
+weights), §7 (Faster R-CNN variant and its inference ensemble), §2 + §3.3 (AdaMixer variant);
+official `mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`, and
+`detectors/query_based.py` + `roi_heads/adamixer_decoder_prompt.py` for ``HDOVDAdaMixer``.
 
 Contract: model → named losses (training), model.detect → detections (inference)
 -------------------------------------------------------------------------------
@@ -26,6 +27,10 @@ RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot ex
   ``agnostic_nms`` keeps one name per object (both: "Custom vocabularies" below).
   ``detections(out, ...)`` is the same after the student's forward (one forward, many
   vocabularies). COCOeval (evaluate.py) runs the paper's setting: every class, class-wise NMS.
+
+``model.detector`` picks the student: ``faster_rcnn`` → ``HDOVD`` (detector.py), ``adamixer`` →
+``HDOVDAdaMixer`` (adamixer.py: query generator + decoder stages; losses per stage, per-stage H1
+queues and H2 EMA banks, the detection-only warm-up; details in its docstring). Same contract.
 
 Hierarchy switches (``cfg.distill``): ``instance`` (H1), ``class_wise`` (H2 classification with
 pseudo boxes), ``text_space`` (H2 text-space distillation), ``image`` (H3). With all off the model
@@ -77,6 +82,10 @@ Deviations
   The class-agnostic regressor learned from base boxes alone does not transfer to every novel
   shape: on Shapes-OV it shrank ring RoIs (IoU 0.69 before, 0.36 after regression; ring AP50 5)
   although the RPN, which the official code does train on pseudo boxes, proposed them well.
+  AdaMixer: the switch lets the stages regress the queries matched to pseudo boxes.
+* AdaMixer's text-space EMA banks are renormalised after each update and updated before the
+  loss (distill.TextSpaceDistiller, shared with Faster R-CNN; official: unnormalised, after the
+  loss). This step's loss reads only the absent classes' entries, which the update leaves alone.
 """
 from __future__ import annotations
 
@@ -85,8 +94,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, nms, remove_small_boxes
+from torchvision.ops import (batched_nms, box_iou, generalized_box_iou_loss, nms, remove_small_boxes,
+                             sigmoid_focal_loss)
 
+import adamixer as adamixer_lib
 import config
 import detector as detector_lib
 from knowledge import official
@@ -286,6 +297,172 @@ class HDOVD(nn.Module):
         return {"boxes": boxes[:k], "scores": scores[:k], "labels": labels[:k]}
 
 
+class HDOVDAdaMixer(HDOVD):
+    """HD-OVD on the AdaMixer student (METHOD §2-§6; official ``QueryBased`` +
+    ``AdaMixerDecoderPrompt``). Same contract as ``HDOVD``; ``detector`` is an adamixer.AdaMixerOV.
+
+    Losses (unweighted, each summed over the S decoder stages, stage weights 1; N = number of GT
+    base boxes in the batch, ≥ 1):
+    * ``loss_query_*``: the query generator's QFL and GIoU terms (main and aux branch, §2.2);
+    * matching per stage: ``adamixer.match_queries`` (GT base boxes, then the pseudo boxes on the
+      queries left over, §2.4);
+    * ``loss_cls`` = Σ w·CE(50·cos(f_T, [base; pseudo texts of the batch; bg])) / N (§2.5) with w = 1
+      for GT-matched queries, w_p for pseudo-matched ones, 0.5 for the others; 0 for a positive whose
+      box has IoU < 0.4 with its target and for a negative with IoU > 0.7 with a matched target;
+    * ``loss_obj`` = Σ sigmoid focal (α 0.25, γ 2) of the objectness, positives = matched to a GT or
+      pseudo box, / N; ``loss_l1`` = Σ |box − target| / image size (xyxy), ``loss_giou`` = Σ (1 − GIoU),
+      both over GT-matched queries (and pseudo-matched ones with ``model.pseudo_box_regression``) / N;
+    * ``loss_skd``/``loss_rkd`` (H1, §4): per stage with its own queues, the matched queries whose box
+      has IoU > 0.5 with their box, f ↔ that box's CLIP embedding;
+    * ``loss_text_skd``/``loss_text_rkd`` (H2, §3.3): per stage with its own EMA bank, f_R of the
+      GT-matched queries (IoU-softmax prototypes) and of the pseudo-matched ones;
+    * ``loss_img`` (H3, §5) once per batch.
+    Warm-up (§6, official epoch 0 of 12): for the first ``warmup_steps`` training forwards the pseudo
+    boxes (step B and their classes), H1, the text-space loss and H3 are off and their keys are 0; the
+    generator uses the pseudo boxes from the start (official ``add_pseudo_box_to_rpn``). The count is
+    the buffer ``train_steps``, so a resumed run continues it.
+    Inference (§2.6): ``HDOVD.detect`` on the student's ``predict`` (the last stage's boxes, f_T and
+    f_R) with ``class_probabilities`` below: ``p1 = softmax(50·cos(f_T, [t; t_bg]))``; with the
+    text-space distillation on, ``p2 = softmax(vis_scale·cos(f_R, t))`` and ``p = p1^{1−α}·p2^{α}``
+    (α base, β novel), bg from p1, renormalised; class-wise NMS, ≤ ``max_detections``.
+    """
+
+    POS_MIN_IOU = 0.4   # positives whose box has a lower IoU get classification weight 0 (official)
+    NEG_MAX_IOU = 0.7   # negatives overlapping a matched target more get weight 0 (official)
+    NEG_WEIGHT = 0.5    # classification weight of the other negatives (official)
+    H1_MIN_IOU = 0.5    # H1 pairs need IoU > 0.5 between the query's box and its box (METHOD §4)
+
+    def __init__(self, *args, warmup_steps: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warmup_steps = warmup_steps
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict:
+        nb = self.num_base_classes
+        self.train_steps += 1
+        warm = int(self.train_steps) <= self.warmup_steps  # detection only (METHOD §6)
+        # generator targets = the RPN targets: GT ∪ every usable pseudo box (no cap, from step 1)
+        rpn_t, roi_t, teachers, pseudo_texts, pseudo_weights = self.make_targets(targets)
+        out = self.detector(images, [r["boxes"] for r in rpn_t])
+        losses = {k: v for k, v in out.items() if k.startswith("loss_")}
+        zero = out["stages"][0]["embed"].sum() * 0.0  # keeps the keys (and DDP's graph) in warm-up
+
+        pseudo_on = self.use_pseudo and not warm
+        num_gt = [len(t["boxes"]) for t in targets]
+        num_pseudo = [len(r["boxes"]) - g if pseudo_on else 0 for r, g in zip(roi_t, num_gt)]
+        norm = float(max(sum(num_gt), 1))
+        base_text = self.class_embeddings[:nb]
+        text = torch.cat([base_text] + pseudo_texts) if (self.class_wise and pseudo_on) else base_text
+        bg = len(text)  # the background column of the logits
+        sums = {k: zero for k in ("loss_cls", "loss_obj", "loss_l1", "loss_giou", "loss_skd",
+                                   "loss_rkd", "loss_text_skd", "loss_text_rkd")}
+        mean_iou = []
+        for s, stage in enumerate(out["stages"]):
+            rows = self.stage_rows(stage, roi_t, num_gt, num_pseudo, out["image_sizes"], pseudo_texts,
+                                   pseudo_weights, teachers, bg)
+            f = stage["embed"].flatten(0, 1)  # (B·N, T)
+            logits = self.classifier(self.detector.projector.text_space(f), text)  # (B·N, C' + 1)
+            sums["loss_cls"] = sums["loss_cls"] + weighted_classification_loss(
+                logits, rows["labels"], rows["cls_weight"], normalizer=norm)
+            sums["loss_obj"] = sums["loss_obj"] + sigmoid_focal_loss(
+                stage["obj_logits"].flatten(), rows["positive"].float(), alpha=0.25, gamma=2.0,
+                reduction="sum") / norm
+            reg = rows["regress"]
+            boxes, target_boxes = stage["boxes"].flatten(0, 1)[reg], rows["target_boxes"][reg]  # (R, 4)
+            sums["loss_l1"] = sums["loss_l1"] + ((boxes - target_boxes).abs() / rows["scale"][reg]).sum() / norm
+            sums["loss_giou"] = sums["loss_giou"] + generalized_box_iou_loss(
+                boxes, target_boxes, reduction="sum") / norm
+            if self.instance is not None and pseudo_on:  # H1 with this stage's queues
+                h1 = rows["positive"] & (rows["iou"] > self.H1_MIN_IOU)
+                for k, v in self.instance[s](f[h1], rows["teacher"][h1]).items():
+                    sums[k] = sums[k] + v
+            if self.text_space is not None and pseudo_on:  # H2 text space with this stage's bank
+                f_r = self.detector.projector.distill_space(f)  # (B·N, T)
+                base, pseudo = rows["is_gt"], rows["positive"] & ~rows["is_gt"]
+                for k, v in self.text_space[s](f_r[base], rows["labels"][base], f_r[pseudo],
+                                               rows["pseudo_text"][pseudo], rows["pseudo_weight"][pseudo],
+                                               base_text, base_iou=rows["iou"][base]).items():
+                    sums[k] = sums[k] + v
+            mean_iou.append(rows["iou"][rows["is_gt"]].mean() if rows["is_gt"].any() else zero.detach())
+        losses.update(sums)
+        losses["loss_img"] = zero
+        if self.image is not None and not warm:  # H3
+            teacher_img = torch.stack([t["knowledge"]["image_emb"] for t in targets])
+            losses.update(self.image(out["image_emb"], teacher_img))
+        losses["stat_num_pseudo"] = torch.tensor(float(sum(num_pseudo)))
+        losses["stat_warmup"] = torch.tensor(float(warm))
+        losses["stat_iou_first"], losses["stat_iou_last"] = mean_iou[0].detach(), mean_iou[-1].detach()
+        return losses
+
+    def stage_rows(self, stage: dict, roi_t, num_gt, num_pseudo, image_sizes, pseudo_texts,
+                   pseudo_weights, teachers, bg: int) -> dict:
+        """Match one stage's queries (§2.4) and give every query of the batch (B·N rows) its
+        ``labels`` (bg = ``bg``), ``cls_weight``, ``positive``, ``is_gt``, ``regress``, ``iou``
+        (with its target, else 0), ``target_boxes``, ``scale`` (w, h, w, h of its image) and, for
+        H1/H2, ``teacher``, ``pseudo_text``, ``pseudo_weight`` (zeros where they do not apply)."""
+        nb, dim = self.num_base_classes, self.class_embeddings.shape[1]
+        fields = {k: [] for k in ("labels", "cls_weight", "positive", "is_gt", "regress", "iou",
+                                  "target_boxes", "scale", "teacher", "pseudo_text", "pseudo_weight")}
+        first_pseudo = nb
+        for i, (boxes, obj) in enumerate(zip(stage["boxes"], stage["obj_logits"])):
+            g, p, r = num_gt[i], num_pseudo[i], roi_t[i]
+            h, w = image_sizes[i]
+            tgt = r["boxes"][: g + p]  # (M, 4) GT then the selected pseudo boxes
+            assigned = adamixer_lib.match_queries(boxes, obj, tgt[:g], tgt[g:], (h, w))  # (N,)
+            pos, idx = assigned >= 0, assigned.clamp(min=0)
+            is_gt = pos & (assigned < g)
+            with torch.no_grad():
+                ious = box_iou(boxes.detach().float(), tgt) if len(tgt) else boxes.new_zeros(len(boxes), 1)
+                iou = torch.where(pos, ious.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(ious[:, 0]))
+                crowded = (ious > self.NEG_MAX_IOU).any(dim=1)  # every target of the image is matched
+            n = len(boxes)
+            labels = torch.full((n,), bg, dtype=torch.long, device=boxes.device)
+            weight = torch.where(crowded, 0.0, self.NEG_WEIGHT) * torch.ones(n, device=boxes.device)
+            pseudo_w = torch.zeros(n, device=boxes.device)
+            if len(tgt):
+                labels = torch.where(is_gt, r["labels"][idx], labels)
+                # pseudo box k of this image is class first_pseudo + k (batch-wide, as HDOVD);
+                # with H2 off its weight is 0 and the label stays background (ignored)
+                is_pseudo = pos & ~is_gt
+                if self.class_wise:
+                    labels = torch.where(is_pseudo, first_pseudo + idx - g, labels)
+                weight = torch.where(pos, r["cls_weight"][idx] * (iou >= self.POS_MIN_IOU), weight)
+                if p:
+                    pseudo_w = torch.where(is_pseudo, pseudo_weights[i][(idx - g).clamp(min=0)], pseudo_w)
+            first_pseudo += p
+            fields["labels"].append(labels)
+            fields["cls_weight"].append(weight)
+            fields["positive"].append(pos)
+            fields["is_gt"].append(is_gt)
+            fields["regress"].append(pos & r["regress"][idx] if len(tgt) else pos)
+            fields["iou"].append(iou)
+            fields["target_boxes"].append(tgt[idx] if len(tgt) else boxes.new_zeros(n, 4))
+            fields["scale"].append(boxes.new_tensor([w, h, w, h]).expand(n, 4))
+            know_rows = teachers[i][: g + p][idx] if (self.use_pseudo and len(tgt)) else boxes.new_zeros(n, dim)
+            fields["teacher"].append(know_rows)
+            text_rows = (pseudo_texts[i][(idx - g).clamp(min=0)] if (self.use_pseudo and p)
+                         else boxes.new_zeros(n, dim))
+            fields["pseudo_text"].append(text_rows)
+            fields["pseudo_weight"].append(pseudo_w)
+        return {k: torch.cat(v) for k, v in fields.items()}
+
+    # -- inference: HDOVD.detect / detections on the student's predict() with this ensemble ----
+    def class_probabilities(self, text_emb, vis_emb, text, num_base):
+        """``p = p1^{1−α}·p2^{α}`` per class (α base, β novel), bg from p1, renormalised (§2.6),
+        with ``text_emb`` = f_T and ``vis_emb`` = f_R [R, T] of the last stage's queries → [R, K];
+        p1 alone when the text-space distillation (which trains f_R) is off."""
+        inf = self.inference
+        p1 = self.classifier(text_emb, text).float().softmax(dim=-1)  # (R, K + 1)
+        if self.text_space is None:
+            return p1[:, :-1]
+        cos = F.normalize(vis_emb.float(), dim=-1) @ text.t()  # (R, K)
+        p2 = (inf["vis_scale"] * cos).softmax(dim=-1)  # no background column (official skd_tau 20)
+        is_novel = torch.arange(len(text), device=text.device) >= num_base
+        alpha = torch.where(is_novel, inf["beta"], inf["alpha"])  # (C,)
+        fused = torch.cat([p1[:, :-1] ** (1 - alpha) * p2 ** alpha, p1[:, -1:]], dim=1)  # (R, C + 1)
+        return (fused / fused.sum(dim=1, keepdim=True))[:, :-1]
+
+
 def compete_with_known(names: list[str], known_names: list[str], known_text: torch.Tensor,
                        embed) -> tuple[torch.Tensor, torch.Tensor]:
     """A user vocabulary joined to the classes the detector knows: ``detect``'s text and report.
@@ -333,28 +510,63 @@ def load_class_embeddings(cfg) -> torch.Tensor:
     return saved["embeddings"].float()
 
 
+def load_objectness_embedding(cfg) -> torch.Tensor:
+    """The "whole entity" text embedding [D] of the AdaMixer query generator (METHOD §1.2), saved
+    with the class texts in knowledge/extract.py's ``class_embeddings.pt``."""
+    path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["objectness"].float()
+
+
 def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
-    """Build the model described by ``cfg`` (METHOD §7 for ``model.detector == 'faster_rcnn'``).
+    """Build the model described by ``cfg``: ``model.detector`` 'faster_rcnn' (METHOD §7) or
+    'adamixer' (METHOD §2: HDOVDAdaMixer, with one H1 queue pair and one H2 EMA bank per stage).
     ``data.oracle``: every class is a training class (the training classifier holds all texts);
     evaluation still splits base / novel by ``data.novel_classes`` (evaluate.py)."""
-    if cfg.model.detector != "faster_rcnn":
-        raise ValueError(f"model.detector '{cfg.model.detector}' is not available; valid: faster_rcnn")
+    if cfg.model.detector not in ("faster_rcnn", "adamixer"):
+        raise ValueError(f"model.detector '{cfg.model.detector}' is not available; valid: "
+                         f"faster_rcnn, adamixer")
     d = cfg.distill
     if cfg.data.oracle and (d.instance or d.class_wise or d.text_space or d.image):
         raise ValueError("data.oracle trains the upper bound on every class's boxes without "
                          "distillation: set distill.instance, class_wise, text_space and image "
                          "to false")
+    objectness = None
     if class_embeddings is None:
         class_embeddings = load_class_embeddings(cfg)
+        if cfg.model.detector == "adamixer":
+            objectness = load_objectness_embedding(cfg)
     dim = class_embeddings.shape[1]
     nb = len(config.class_names(cfg) if cfg.data.oracle else cfg.data.base_classes)  # trained on
-    instance = (InstanceDistiller(dim, d.instance_queue_size, d.instance_tau, d.rkd_scale,
-                                  d.kd_temperature) if d.instance else None)
+    copies = cfg.adamixer.num_stages if cfg.model.detector == "adamixer" else 0
+
+    def per_stage(make):  # AdaMixer: one module per decoder stage; Faster R-CNN: one module
+        return nn.ModuleList(make() for _ in range(copies)) if copies else make()
+
+    instance = (per_stage(lambda: InstanceDistiller(dim, d.instance_queue_size, d.instance_tau,
+                                                    d.rkd_scale, d.kd_temperature))
+                if d.instance else None)
     image = ImageDistiller(dim, d.image_queue_size, d.image_tau) if d.image else None
-    text_space = (TextSpaceDistiller(class_embeddings[:nb], d.text_tau, d.rkd_scale, d.kd_temperature)
+    text_space = (per_stage(lambda: TextSpaceDistiller(class_embeddings[:nb], d.text_tau, d.rkd_scale,
+                                                       d.kd_temperature))
                   if d.text_space else None)
     inference = {k: getattr(cfg.inference, k) for k in ("alpha", "beta", "vis_scale", "score_thresh",
                                                          "nms_iou", "max_detections")}
+    if cfg.model.detector == "adamixer":
+        if objectness is None:  # class texts given (tests; a checkpoint, whose saved buffer
+            objectness = F.normalize(class_embeddings.float().mean(dim=0), dim=-1)  # replaces this)
+        student = adamixer_lib.build_adamixer(cfg, objectness)
+        classifier = detector_lib.OpenVocabClassifier(dim, cfg.model.tau_cls)
+        if cfg.adamixer.zero_logit_init:  # f_T = f = the same unit vector orthogonal to every text
+            nn.init.zeros_(student.projector.mlp[-1].weight)
+            nn.init.zeros_(student.projector.mlp[-1].bias)
+            for stage in student.stages:
+                detector_lib.init_zero_logit(stage.fc_cls, torch.cat([class_embeddings,
+                                                                      classifier.bg_embedding[None]]))
+        # the first 1/12 of training is detection only (official: epoch 0 of 12, METHOD §6)
+        warmup = round(cfg.adamixer.pseudo_warmup_fraction * cfg.train.max_steps)
+        return HDOVDAdaMixer(student, classifier, class_embeddings, nb, instance, image, text_space,
+                             d.class_wise, cfg.model.max_pseudo_boxes, cfg.model.pseudo_min_side_px,
+                             inference, cfg.model.pseudo_box_regression, warmup_steps=warmup)
     det = detector_lib.build_faster_rcnn(cfg, dim)
     classifier = detector_lib.OpenVocabClassifier(dim, cfg.model.tau_cls)
     # all class texts (pseudo nouns are class names on Shapes-OV) and the background start orthogonal

@@ -106,3 +106,36 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     saved = torch.load(tiny_coco / "resnet50.pth")
     assert torch.equal(ckpt["model"]["detector.backbone.body.conv1.weight"], saved["conv1.weight"])
     assert extract.knowledge_is_built(cfg)
+
+
+def test_ov_coco_adamixer_config_trains_two_steps(tiny_coco, tmp_path):
+    """configs/ov_coco_adamixer_r50.yaml (ResNet-50, FPN 256, 6 AdaMixer stages with the official
+    widths, AdamW) trains two steps and evaluates; only sizes, step counts and paths change."""
+    adamixer_config = REPO / "configs" / "ov_coco_adamixer_r50.yaml"
+    overrides = [
+        f"data.root={tiny_coco}", f"teacher.clip_model={tiny_coco / 'clip.pt'}",
+        f"model.backbone_weights={tiny_coco / 'resnet50.pth'}",
+        f"teacher.proposals.backbone_weights={tiny_coco / 'resnet50.pth'}",
+        f"run.out_dir={tmp_path / 'runs'}", "data.min_size=128", "data.max_size=160",
+        "data.num_workers=0", "teacher.proposals.max_steps=2", "teacher.proposals.batch_size=2",
+        "teacher.calibration_images=4", "teacher.weight_a=1.3", "teacher.weight_mu=0.3",
+        "teacher.weight_sigma=0.05", "train.max_steps=2", "train.batch_size=2",
+        "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=2",
+        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_px=4",
+        "adamixer.num_queries=30",  # a 128x160 image has 426 generator points (official 300 queries)
+    ]
+    cfg = config.load_config(adamixer_config, overrides)
+    a = cfg.adamixer
+    assert cfg.model.detector == "adamixer" and cfg.model.backbone == "resnet50"
+    assert (a.num_stages, a.in_points, a.out_points, a.ffn_dim, cfg.train.lr) == (6, 32, 128, 2048, 5e-5)
+    metrics = train.main(["--config", str(adamixer_config), "--set", *overrides])
+
+    run_dir = tmp_path / "runs" / cfg.run.name
+    assert {"AP50_novel", "AP50_base", "AP50_all", "AP_all"} <= set(metrics)
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged[:2]] == [1, 2]
+    assert {"loss_query_qfl", "loss_cls", "loss_obj", "loss_l1", "loss_giou"} <= set(logged[0])
+    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=False)
+    state = ckpt["model"]
+    assert ckpt["step"] == 2 and int(state["train_steps"]) == 2
+    assert state["detector.stages.5.mixing.generator.weight"].shape == (4 * (64 * 64 + 128 * 32), 256)
