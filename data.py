@@ -49,6 +49,10 @@ P = pseudo boxes, P may be 0; all embeddings L2-normalised):
 With ``official_resources`` (config ``teacher.official_resources``) the same dict is read from the
 official HD-OVD files instead, by knowledge/official.py (their layout and alignment: its docstring).
 
+Also here, because every step that makes data uses them: ``write_atomic`` (a file is the old one or
+the new one, never half) and ``progress_bar`` (tqdm on a terminal, one line per interval in a log,
+silent off rank 0).
+
 OV-COCO builder: ``python data.py ov-coco --coco-root dataset/coco [--out-dir DIR] [--force]`` (METHOD 8.2).
 
 References: METHOD.md 8.1-8.2 and 10.1/10.7; official tools/get_ov_coco_annotations.py (split, builder)
@@ -71,6 +75,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +83,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from pycocotools.coco import COCO
+from tqdm import tqdm
 
 import config
 from config import OV_COCO_BASE, OV_COCO_NOVEL  # the OV-COCO split (METHOD 8.1): (name, COCO id)
@@ -478,6 +484,61 @@ def collate(batch):
     """[(image, target), ...] -> (list of images, list of targets); images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress of long steps (the world, the knowledge, evaluation): ``progress_bar`` returns a tqdm
+# to use exactly like one (iterate it, ``update``, ``set_postfix``, ``close``):
+# * on a terminal (stderr is a TTY): tqdm itself, unchanged;
+# * otherwise: ``LineProgress``, the same counters as whole lines on stderr ("desc: 40%| 240/600
+#   [01:10<01:45, 3.4it/s, loss=0.71]"), at most every ``PROGRESS_INTERVAL_S`` seconds plus the
+#   first and the last, because tqdm's carriage-return redraws become one unreadable line in a
+#   log file or CI (tqdm's own ``disable=None`` drops the progress entirely instead, and a CI log
+#   of a 15-minute step then shows nothing for 15 minutes);
+# * ``master=False``: disabled; ``master=None`` (the default) means "rank 0 or not distributed",
+#   read from torchrun's ``RANK`` variable, so every process of a torchrun job can call it.
+# ----------------------------------------------------------------------------------------------
+
+PROGRESS_INTERVAL_S = 30.0  # a line every 30 s: a 15-minute step writes ~30 lines; chosen here
+
+
+class LineProgress(tqdm):
+    """tqdm that prints a refresh as its own line, at most every ``mininterval`` seconds (tqdm's
+    own throttle does not cover ``set_postfix``), plus the first and the last count."""
+
+    printed_n, printed_t = None, 0.0  # count and time of the last line printed
+
+    def display(self, msg=None, pos=None, force: bool = False):
+        if msg == "":  # tqdm clearing a bar before close: nothing to clear in a log
+            return False
+        now = time.monotonic()
+        if not force and self.printed_n is not None and now - self.printed_t < self.mininterval:
+            return True
+        self.fp.write((msg or self.__str__()) + "\n")
+        self.fp.flush()
+        self.printed_n, self.printed_t = self.n, now
+        return True
+
+    def close(self):
+        if not self.disable and self.printed_n != self.n:
+            self.display(force=True)  # the final count, once
+        self.leave = False  # tqdm's own closing would add a blank line (leave) or a carriage return
+        super().close()
+
+
+def progress_bar(iterable=None, total=None, desc: str | None = None, master: bool | None = None,
+                 **kwargs) -> tqdm:
+    """A progress bar for a step longer than a few seconds (the section comment above)."""
+    if master is None:
+        master = os.environ.get("RANK", "0") == "0"
+    if not master:
+        return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, **kwargs)
+    kwargs.setdefault("mininterval", PROGRESS_INTERVAL_S)
+    kwargs.pop("dynamic_ncols", None)  # no terminal to size to
+    kwargs["ascii"] = True  # "#" bars: a log file may not be read as UTF-8
+    return LineProgress(iterable, total=total, desc=desc, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

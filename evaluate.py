@@ -91,7 +91,6 @@ from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
-import progress
 
 import config
 import data
@@ -244,7 +243,7 @@ def evaluate_model(model, dataset, device, batch_size: int, text_embeddings=None
         shuffle=False, num_workers=num_workers, collate_fn=data.collate,
         pin_memory=torch.device(device).type == "cuda")
     results = []
-    for images, targets in progress.bar(loader, desc="eval", master=rank == 0, leave=False):
+    for images, targets in data.progress_bar(loader, desc="eval", master=rank == 0, leave=False):
         images = [im.to(device, non_blocking=True) for im in images]
         dets = model.detect(images, text_embeddings=text_embeddings)
         results += detections_to_coco(dets, targets, dataset.label_to_cat_id)

@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import hdovd  # noqa: E402
-import progress  # noqa: E402
 
 UNSEEN = "kite"  # a word no Shapes-OV caption holds: its CLIP text is untrained
 
@@ -107,7 +106,7 @@ def main(argv=None):
     single = {m: [0, 0] for m in modes}  # hits, images
     novel_ids = set(range(len(base), len(base) + len(novel)))
     with torch.no_grad():
-        for images, targets in progress.bar(loader, desc="val", leave=False):
+        for images, targets in data.progress_bar(loader, desc="val", leave=False):
             out = forward(images)
             for v, (names, table) in enumerate(zip(vocabs_novel, tables)):
                 # class id of each vocabulary name (-1: not a class of the dataset)

@@ -76,7 +76,6 @@ from torchvision.ops import box_iou
 
 import config as config_lib
 import data
-import progress
 from knowledge import official, proposals as proposals_lib
 from detector import batch_images
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
@@ -255,7 +254,7 @@ def run_proposals(net, cfg, split: str, batches: list[list[int]], device) -> dic
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=cfg.data.num_workers, collate_fn=data.collate)
     out = {}
-    for images, targets in progress.bar(loader, desc=f"proposals {split}", leave=False):
+    for images, targets in data.progress_bar(loader, desc=f"proposals {split}", leave=False):
         padded = batch_images(images)
         batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)

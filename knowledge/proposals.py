@@ -70,7 +70,6 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import data
-import progress
 from detector import batch_images, build_backbone
 from knowledge.official import read_proposal_pkl
 
@@ -219,7 +218,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
         opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
     schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
     start, step, smooth = time.time(), 0, None
-    bar = progress.bar(total=pcfg.max_steps, desc="proposal net", leave=False)
+    bar = data.progress_bar(total=pcfg.max_steps, desc="proposal net", leave=False)
     while True:
         for images, targets in loader:
             if step >= pcfg.max_steps:

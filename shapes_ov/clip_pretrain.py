@@ -43,7 +43,6 @@ from PIL import Image
 
 import config as config_lib
 import data
-import progress
 from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
 from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
@@ -223,7 +222,8 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
             schedule.load_state_dict(state["schedule"])
             gen.set_state(state["generator"])
             losses, first = state["losses"], state["step"] + 1
-    bar = progress.bar(desc="pre-train teacher", total=pre.max_steps, initial=first - 1, leave=False)
+    bar = data.progress_bar(desc="pre-train teacher", total=pre.max_steps, initial=first - 1,
+                            leave=False)
     for step in range(first, pre.max_steps + 1):
         lr = schedule.get_last_lr()[0]
         si = torch.randint(len(pool["singles"]), (n_single,), generator=gen)
@@ -303,7 +303,7 @@ def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> d
         preds.append((emb @ text.t()).argmax(1).cpu())  # cosine up to a positive factor
         batch.clear()
 
-    for a in progress.bar(anns, desc="teacher eval", leave=False):
+    for a in data.progress_bar(anns, desc="teacher eval", leave=False):
         if a["image_id"] != image_id:
             image_id = a["image_id"]
             image = Image.open(Path(val_images) / files[image_id]).convert("RGB")
