@@ -225,6 +225,19 @@ def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, schedu
     return ckpt["step"], ckpt.get("metrics")
 
 
+def run_is_complete(step: int, metrics: dict | None, cfg: config.Config, run_dir: Path,
+                    master: bool) -> bool:
+    """Whether the checkpoint is trained to ``train.max_steps`` and evaluated there (the same
+    command run again). Rank 0 then writes the results a kill just before them left unwritten."""
+    if step < cfg.train.max_steps or metrics is None or metrics.get("step") != step:
+        return False
+    if master:
+        print(f"train.py: {run_dir / 'ckpt.pth'} is already trained to step {step} and evaluated")
+        if not (run_dir / "metrics.json").is_file():  # killed just before writing it
+            evaluate.write_metrics(metrics, run_dir / "metrics.json")
+    return True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -384,6 +397,16 @@ def mean_over_ranks(losses: dict, total: torch.Tensor, names: list[str], ddp: bo
     return dict(zip(names + ["total"], reduced.tolist()))
 
 
+def log_values(outputs: dict, mean: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """One step's values for log.jsonl (the contract above): this rank's ``stat_*``, and from
+    ``mean`` (mean_over_ranks) each ``loss_*`` unscaled, its ``loss_*_scaled`` and ``total``."""
+    values = {k: v.item() for k, v in outputs.items() if not k.startswith("loss_")}
+    for k in (k for k in outputs if k.startswith("loss_")):
+        values[k], values[f"{k}_scaled"] = mean[k], weights[k] * mean[k]
+    values["total"] = mean["total"]
+    return values
+
+
 def to_device(obj, device):
     """Move tensors inside nested dicts/lists (targets, their knowledge dicts) to ``device``."""
     if torch.is_tensor(obj):
@@ -512,11 +535,7 @@ def main(argv=None) -> dict | None:
     if cfg.train.resume and ckpt_path.is_file():
         step, metrics = load_checkpoint(ckpt_path, cfg, raw_model, optimizer, scheduler, scaler,
                                         rank, world_size)
-    if step >= cfg.train.max_steps and metrics is not None and metrics.get("step") == step:
-        if master:
-            print(f"train.py: {ckpt_path} is already trained to step {step} and evaluated")
-            if not (run_dir / "metrics.json").is_file():  # killed just before writing it
-                evaluate.write_metrics(metrics, run_dir / "metrics.json")
+    if run_is_complete(step, metrics, cfg, run_dir, master):
         if ddp:
             dist.destroy_process_group()
         return metrics
@@ -551,8 +570,7 @@ def main(argv=None) -> dict | None:
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        values = {k: v.item() for k, v in outputs.items()}  # stat_*: this rank's
-        values.update({k: mean[k] for k in losses})  # loss_*: mean over ranks, unscaled
+        values = log_values(outputs, mean, weights)  # stat_*: this rank's; loss_*: mean over ranks
         if cfg.train.clip_grad_norm > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
             values["grad_norm"] = torch.nn.utils.clip_grad_norm_(
@@ -563,7 +581,6 @@ def main(argv=None) -> dict | None:
         step += 1
 
         # --- Logging (on rank 0), evaluation and checkpoints; their time is not step time.
-        values.update({f"{k}_scaled": weights[k] * values[k] for k in losses}, total=mean["total"])
         lr = scheduler.get_last_lr()[0]
         log.add(step, epoch, lr, values, device)
         with log.paused():
