@@ -24,8 +24,10 @@ Contract
   <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
   "images_per_s", "eta_s"}``, averages over the steps since the last line; losses are means over
   the ranks, the rest rank 0's; and one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
-  evaluation), ``ckpt.pth`` and ``metrics.json`` (evaluate.py's metrics of the final model,
-  percent). Only rank 0 writes files and shows progress. Every file is written atomically (a
+  evaluation), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
+  percent) and ``loss_curves.png`` (evaluate.plot_loss_curves of log.jsonl: each scaled loss and
+  the total against the step; a picture matplotlib fails to draw is a warning, not a failed run).
+  Only rank 0 writes files and shows progress. Every file is written atomically (a
   kill never leaves half a file; log.jsonl is appended, and a torn last line is dropped on
   resume). ``log.jsonl``'s ``ms_per_step``, ``images_per_s``, ``eta_s`` are measurements; every
   other file and value is the same for the same config and seed (CPU, same thread count).
@@ -233,8 +235,8 @@ def run_is_complete(step: int, metrics: dict | None, cfg: config.Config, run_dir
         return False
     if master:
         print(f"train.py: {run_dir / 'ckpt.pth'} is already trained to step {step} and evaluated")
-        if not (run_dir / "metrics.json").is_file():  # killed just before writing it
-            evaluate.write_metrics(metrics, run_dir / "metrics.json")
+        if not all((run_dir / f).is_file() for f in ("metrics.json", "loss_curves.png")):
+            write_results(run_dir, metrics)
     return True
 
 
@@ -380,6 +382,21 @@ def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: R
     if log.file is not None:
         tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
     return m
+
+
+def write_results(run_dir: Path, metrics: dict) -> None:
+    """Rank 0, at the end: ``metrics.json``, then ``loss_curves.png`` from the closed log.jsonl.
+
+    The metrics are the result; the picture is a view of the log. So a picture that cannot be
+    drawn or saved (matplotlib's backend or fonts, a full disk, an unreadable log: OSError,
+    RuntimeError, ValueError, OverflowError) is a warning, and the run still ends well. Anything
+    else (a TypeError, a KeyError) is a bug in the code and is raised."""
+    evaluate.write_metrics(metrics, run_dir / "metrics.json")
+    try:
+        evaluate.plot_loss_curves(run_dir / "log.jsonl", run_dir / "loss_curves.png")
+    except (OSError, RuntimeError, ValueError, OverflowError) as e:
+        warnings.warn(f"train.py: loss_curves.png not drawn ({type(e).__name__}: {e}); "
+                      f"metrics.json and the checkpoint are complete", RuntimeWarning, stacklevel=2)
 
 
 def mean_over_ranks(losses: dict, total: torch.Tensor, names: list[str], ddp: bool,
@@ -595,9 +612,9 @@ def main(argv=None) -> dict | None:
     save(step, states, metrics)
     metrics = run_evaluation(model, val_set, device, cfg, step, log)
     save(step, states, metrics)
-    log.close()
+    log.close()  # log.jsonl complete: the loss curves are drawn from it
     if master:
-        evaluate.write_metrics(metrics, run_dir / "metrics.json")
+        write_results(run_dir, metrics)
     if ddp:
         dist.destroy_process_group()
     return metrics

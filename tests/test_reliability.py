@@ -231,9 +231,11 @@ def test_killed_training_resumes_to_the_same_weights_and_metrics(tiny_world, tmp
 def test_finished_run_killed_before_metrics_json_writes_it(tiny_world, tmp_path, one_thread):
     args = _train_args(tiny_world, tmp_path, "done", "train.max_steps=1", "data.num_workers=0")
     metrics = train.main(args)
-    (tmp_path / "done" / "metrics.json").unlink()  # as if killed between the last save and it
+    for name in ("metrics.json", "loss_curves.png"):  # as if killed between the last save and them
+        (tmp_path / "done" / name).unlink()
     assert train.main(args) == metrics  # nothing retrained
     assert json.loads((tmp_path / "done" / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "done" / "loss_curves.png").is_file()
 
 
 def test_torn_last_log_line_is_dropped_on_resume(tiny_world, tmp_path, one_thread):
@@ -333,7 +335,7 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny_world, tmp_path, o
     ddp = tmp_path / "ddp"
     # Only rank 0 writes files and shows progress; rank 1 prints nothing of its own.
     assert sorted(p.name for p in ddp.iterdir()) == ["ckpt.pth", "config.yaml", "log.jsonl",
-                                                     "metrics.json"]
+                                                     "loss_curves.png", "metrics.json"]
     rank0, rank1 = _rank_logs(tmp_path / "logs_ddp", 0), _rank_logs(tmp_path / "logs_ddp", 1)
     assert "train:" in rank0 and "AP50 novel" in rank0
     assert not any(s in rank1 for s in ("train:", "eval:", "AP50", "train.py: ")), rank1

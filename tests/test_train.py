@@ -1,11 +1,13 @@
 """train.py: the LR schedule, atomic checkpoints, the resume config check, and (on a tiny Shapes-OV
-world built once per session in conftest.py) exact resume and the stop on a non-finite loss.
+world built once per session in conftest.py) exact resume, the loss-curve picture and the stop on
+a non-finite loss.
 Runs with 2 gloo processes, killed runs and bad inputs: tests/test_reliability.py and
 tests/test_bad_input.py."""
 import json
 
 import pytest
 import torch
+from PIL import Image
 
 import config
 import train
@@ -126,10 +128,31 @@ def test_resume_continues_step_lr_data_and_weights(tiny_world, tmp_path):
     assert [r["step"] for r in log_b] == [1, 2, 3]  # appended after the resume
     assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
     assert [r["total"] for r in log_a] == pytest.approx([r["total"] for r in log_b], rel=1e-6)
+    for run in ("a", "b"):  # the loss-curve picture of each finished run, a real PNG
+        png = tmp_path / run / "loss_curves.png"
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+            im.verify()
     # A finished, evaluated run is not redone.
     assert train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=3"))["step"] == 3
     with pytest.raises(config.ConfigError, match="train.lr"):
         train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=4", "train.lr=0.5"))
+
+
+def test_results_warn_when_the_picture_fails_and_raise_on_bugs(tmp_path, monkeypatch):
+    def broken(error):
+        def plot(log_jsonl, png):
+            raise error
+        return plot
+
+    monkeypatch.setattr(train.evaluate, "plot_loss_curves", broken(OSError("disk full")))
+    with pytest.warns(RuntimeWarning, match="loss_curves.png not drawn.*disk full"):
+        train.write_results(tmp_path, {"step": 1})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"step": 1}  # the result stays
+    monkeypatch.setattr(train.evaluate, "plot_loss_curves", broken(KeyError("total")))
+    with pytest.raises(KeyError):  # a bug is not a drawing failure
+        train.write_results(tmp_path, {"step": 1})
 
 
 def test_nonfinite_loss_stops_with_the_loss_dict(tiny_world, tmp_path, monkeypatch, capsys):
