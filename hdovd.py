@@ -492,12 +492,13 @@ def loss_weights(cfg) -> dict[str, float]:
     return {f"loss_{k}": float(v) for k, v in vars(cfg.loss).items()}
 
 
-def load_class_embeddings(cfg) -> torch.Tensor:
-    """Read knowledge/extract.py's ``class_embeddings.pt`` and check it lists the configured classes in order;
-    with ``teacher.official_resources``, the official DetPro file instead (never a copy of it)."""
+def load_text_embeddings(cfg) -> dict:
+    """The class texts ``embeddings`` [K, D] (configured classes, in order) and the "whole entity"
+    ``objectness`` text [D] (AdaMixer's query generator, METHOD §1.2): knowledge/extract.py's
+    ``class_embeddings.pt``, checked against the configured classes; with
+    ``teacher.official_resources``, the official DetPro files instead (never a copy of them)."""
     if cfg.teacher.official_resources:
-        return official.load_class_embeddings(cfg.teacher.official_resources,
-                                              config.class_names(cfg))["embeddings"]
+        return official.load_class_embeddings(cfg.teacher.official_resources, config.class_names(cfg))
     path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
     if not path.is_file():
         raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
@@ -507,14 +508,12 @@ def load_class_embeddings(cfg) -> torch.Tensor:
     if list(saved["class_names"]) != names:
         raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "
                          f"re-run `python -m knowledge --config <your config>`")
-    return saved["embeddings"].float()
+    return saved
 
 
-def load_objectness_embedding(cfg) -> torch.Tensor:
-    """The "whole entity" text embedding [D] of the AdaMixer query generator (METHOD §1.2), saved
-    with the class texts in knowledge/extract.py's ``class_embeddings.pt``."""
-    path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["objectness"].float()
+def load_class_embeddings(cfg) -> torch.Tensor:
+    """The class texts [K, D] of ``load_text_embeddings``."""
+    return load_text_embeddings(cfg)["embeddings"].float()
 
 
 def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
@@ -534,7 +533,7 @@ def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
     if class_embeddings is None:
         class_embeddings = load_class_embeddings(cfg)
         if cfg.model.detector == "adamixer":
-            objectness = load_objectness_embedding(cfg)
+            objectness = load_text_embeddings(cfg)["objectness"].float()
     dim = class_embeddings.shape[1]
     nb = len(config.class_names(cfg) if cfg.data.oracle else cfg.data.base_classes)  # trained on
     copies = cfg.adamixer.num_stages if cfg.model.detector == "adamixer" else 0

@@ -150,6 +150,15 @@ def test_coco_config_trains_two_steps_from_the_official_files(layout, tmp_path, 
     assert not data.knowledge_dir(cfg).exists()  # nothing extracted, nothing written
 
 
+def test_adamixer_generator_reads_the_official_whole_entity_text(layout):
+    cfg = config.load_config(REPO / "configs" / "ov_coco_adamixer_r50.yaml",
+                             overrides(layout))
+    model = hdovd.build_hdovd(cfg)  # no class_embeddings.pt anywhere: only the DetPro files
+    whole_entity = F.normalize(torch.load(layout["resources"] / official.OBJECTNESS_EMBEDDING).float()[0], dim=-1)
+    torch.testing.assert_close(model.detector.generator.objectness_text, whole_entity)
+    assert not data.knowledge_dir(cfg).exists()
+
+
 def test_values_read_reach_the_model_unchanged(layout):
     cfg = config.load_config(COCO_CONFIG, overrides(layout) + ["data.flip_prob=0"])
     ds = data.build_dataset(cfg, "train", knowledge=True)
