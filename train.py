@@ -314,8 +314,8 @@ class RunLog:
         self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
         self.images_per_step = cfg.train.batch_size * world_size
         self.window, self.t0 = defaultdict(list), time.time()
-        self.bar = tqdm(total=self.max_steps, initial=step, disable=not master, desc="train",
-                        dynamic_ncols=True)
+        self.bar = data.progress_bar(total=self.max_steps, initial=step, master=master, desc="train",
+                                     dynamic_ncols=True)  # plain lines when stderr is a log file
         if not master:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
