@@ -57,3 +57,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def assert_detects_the_boxes(model, images, targets) -> None:
+    """Every target box has a detection with IoU > 0.5, and the best-scoring one among them
+    carries the box's label (the check after a one-batch overfit)."""
+    from torchvision.ops import box_iou
+
+    model.eval()
+    for det, t in zip(model.detect(images), targets):
+        for box, label in zip(t["boxes"], t["labels"]):
+            overlapping = (box_iou(box[None], det["boxes"])[0] > 0.5).nonzero().flatten()
+            assert len(overlapping) > 0, f"no detection with IoU > 0.5 for box {box.tolist()}"
+            best = overlapping[det["scores"][overlapping].argmax()]
+            assert int(det["labels"][best]) == int(label), (box.tolist(), det["labels"][overlapping].tolist())
+

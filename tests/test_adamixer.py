@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
+from conftest import assert_detects_the_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -246,10 +246,4 @@ def test_one_batch_overfit_drives_losses_down_and_finds_the_boxes():
     for k in keys:
         assert last[k] < 0.5 * first[k], (k, first, last)
 
-    model.eval()
-    for det, t in zip(model.detect(images), targets):
-        for box, label in zip(t["boxes"], t["labels"]):
-            overlapping = torch.where(box_iou(box[None], det["boxes"])[0] > 0.5)[0]
-            assert len(overlapping) > 0, f"no detection with IoU > 0.5 for box {box.tolist()}"
-            best = overlapping[det["scores"][overlapping].argmax()]
-            assert int(det["labels"][best]) == int(label), (box.tolist(), det["labels"][overlapping].tolist())
+    assert_detects_the_boxes(model, images, targets)

@@ -71,8 +71,9 @@ def tiny_coco(tmp_path_factory):
     return root
 
 
-def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
-    overrides = [
+def two_step_overrides(tiny_coco, tmp_path) -> list[str]:
+    """Paths of the tiny COCO directory, small images and two training steps (the rest: the config)."""
+    return [
         f"data.root={tiny_coco}", f"teacher.clip_model={tiny_coco / 'clip.pt'}",
         f"model.backbone_weights={tiny_coco / 'resnet50.pth'}",
         f"teacher.proposals.backbone_weights={tiny_coco / 'resnet50.pth'}",
@@ -81,9 +82,14 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
         "teacher.calibration_images=4", "teacher.weight_a=1.3", "teacher.weight_mu=0.3",
         "teacher.weight_sigma=0.05", "train.max_steps=2", "train.batch_size=2",
         "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=2",
+        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_px=4",
+    ]
+
+
+def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
+    overrides = two_step_overrides(tiny_coco, tmp_path) + [
         "model.rpn_pre_nms_train=300", "model.rpn_post_nms_train=100",
         "model.rpn_pre_nms_test=300", "model.rpn_post_nms_test=100", "model.roi_batch_size=64",
-        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_px=4",
     ]
     cfg = config.load_config(COCO_CONFIG, overrides)
     assert cfg.model.backbone == "resnet50" and cfg.teacher.upsample == 2  # the paper settings
@@ -112,16 +118,7 @@ def test_ov_coco_adamixer_config_trains_two_steps(tiny_coco, tmp_path):
     """configs/ov_coco_adamixer_r50.yaml (ResNet-50, FPN 256, 6 AdaMixer stages with the official
     widths, AdamW) trains two steps and evaluates; only sizes, step counts and paths change."""
     adamixer_config = REPO / "configs" / "ov_coco_adamixer_r50.yaml"
-    overrides = [
-        f"data.root={tiny_coco}", f"teacher.clip_model={tiny_coco / 'clip.pt'}",
-        f"model.backbone_weights={tiny_coco / 'resnet50.pth'}",
-        f"teacher.proposals.backbone_weights={tiny_coco / 'resnet50.pth'}",
-        f"run.out_dir={tmp_path / 'runs'}", "data.min_size=128", "data.max_size=160",
-        "data.num_workers=0", "teacher.proposals.max_steps=2", "teacher.proposals.batch_size=2",
-        "teacher.calibration_images=4", "teacher.weight_a=1.3", "teacher.weight_mu=0.3",
-        "teacher.weight_sigma=0.05", "train.max_steps=2", "train.batch_size=2",
-        "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=2",
-        "model.pseudo_min_side_px=4", "teacher.pseudo_min_side_px=4",
+    overrides = two_step_overrides(tiny_coco, tmp_path) + [
         "adamixer.num_queries=30",  # a 128x160 image has 426 generator points (official 300 queries)
     ]
     cfg = config.load_config(adamixer_config, overrides)
