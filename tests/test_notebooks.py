@@ -1,10 +1,11 @@
 """The step-through notebooks execute top to bottom, each in a fresh kernel, on the tiny artefacts.
 
-The tiny artefacts (notebooks/artefacts.py: a 320-image world, its teacher, knowledge and two short
-training runs, built through train.py) are built first when missing, a few minutes on 2 cores, and
-cached in data/notebooks_tiny and runs/notebooks_tiny_*; each notebook then takes up to a few
-minutes. These are the slowest tests: skip them with
-``python -m pytest -q tests --ignore=tests/test_notebooks.py``. CI (.ci/run) runs them.
+The tiny artefacts (notebooks/artefacts.py: a 320-image world, its teacher, knowledge, two short
+Faster R-CNN runs and a 120-step AdaMixer run for 04, built through train.py) are built first when
+missing, a few minutes on 2 cores (the AdaMixer run about 2 of them), and cached in
+data/notebooks_tiny and runs/notebooks_tiny_*; each notebook then takes up to a few minutes. These
+are the slowest tests: skip them with ``python -m pytest -q tests --ignore=tests/test_notebooks.py``.
+CI (.ci/run) runs them.
 """
 import os
 import sys
@@ -22,8 +23,8 @@ NOTEBOOKS = run_all.NOTEBOOKS
 
 @pytest.fixture(scope="module")
 def tiny_artefacts():
-    """Build (or find) the tiny artefacts in a subprocess, and point the notebooks' kernels at
-    them through HDOVD_ARTEFACTS."""
+    """Build (or find) the tiny artefacts of both students in a subprocess, and point the
+    notebooks' kernels at them through HDOVD_ARTEFACTS."""
     import subprocess
 
     start = time.time()
@@ -40,7 +41,7 @@ def tiny_artefacts():
 
 def test_notebooks_exist_in_reading_order():
     names = [p.stem for p in NOTEBOOKS]
-    assert names[:4] == ["00_tour", "01_instance", "02_class", "03_image"]
+    assert names[:5] == ["00_tour", "01_instance", "02_class", "03_image", "04_adamixer"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
