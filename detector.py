@@ -44,6 +44,10 @@ Deviations from the official code
   weights exist offline). With weights on disk it is the official ResNet-50: stem and stage 1
   frozen, BatchNorm statistics frozen but gamma/beta of stages 2-4 trained (mmdet
   ``norm_eval=True``, ``norm_cfg.requires_grad=True``; ``FrozenStatsBatchNorm2d``).
+* ``fc_cls`` starts orthogonal to every class text, novel ones included, and t_bg
+  (``init_zero_logit``, called by hdovd.build_hdovd; mmdet: Normal(std=0.01); audit #20): pseudo
+  nouns can be class names (all are on Shapes-OV), so their logits start near 0 too. The novel
+  texts only pick the starting bias direction; no novel label or box is used.
 """
 from __future__ import annotations
 
