@@ -52,8 +52,9 @@ px objects). The ResNet-50 setting has not been trained here (no COCO on the pro
 the Shapes-OV one is measured (LOG.md).
 A ``teacher.proposals_file`` pickle gets the network's selection (size filter in resized px, NMS
 ``pseudo_nms_iou``, top ``num_pseudo_boxes``) before CLIP embeds its boxes (audit #40; official: all
-boxes used as they are): only kept boxes are embedded and stored, and a pickle already at NMS 0.5 /
-top 5 loses only boxes the official size filter drops too. The released pickle read as it is: ``teacher.official_resources``.
+boxes used as they are): only kept boxes are embedded and stored, and a pickle already at NMS
+0.5 / top 5 loses only boxes the official size filter drops too. The released pickle read as it
+is: ``teacher.official_resources``.
 """
 from __future__ import annotations
 
