@@ -63,6 +63,10 @@ Deviations
   in every step, but their losses differ slightly: BatchNorm statistics, the RPN/RoI samplers'
   random streams and the distillation queues are per process (official: SyncBN on GPUs; torch
   has no SyncBN on CPU). tests/test_reliability.py measures the difference.
+* No aspect-ratio grouping (mmdet ``GroupSampler``; audit #55, efficiency only): a batch may mix
+  portrait and landscape images and pad to a near-square canvas (up to ~1.6x memory and compute
+  per step on COCO). One plain permutation keeps ``batches`` (exact resume, same images for N
+  processes and one) simple.
 """
 from __future__ import annotations
 
