@@ -61,7 +61,9 @@ Deviations:
   the present categories as caption nouns (``pseudo_label_acc_val_*``; shapes_ov/world.py's captions name
   every category present).
 * Images without any caption noun (all of them for a dataset without captions, ``data.captions``
-  "") take the noun list as candidate nouns: ``teacher.noun_vocab``, or the class names.
+  "") take the noun list as candidate nouns: ``teacher.noun_vocab``, or the class names. Novel
+  names are among them, as in any caption (audit #48: a small novel-name leak on COCO images whose
+  captions match no noun); without the list such images would get no pseudo labels.
 """
 from __future__ import annotations
 
