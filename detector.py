@@ -149,7 +149,8 @@ def init_zero_logit(fc: nn.Linear, class_vectors: torch.Tensor, weight_std: floa
 
     A linear classifier starts near uniform because its weights are small (torchvision: N(0, 0.01)).
     A cosine classifier ignores scale, so instead the output starts as a unit bias ``u`` orthogonal
-    to ``class_vectors`` [K, D] (the base texts and the background) plus a small ``W·h``: all cosines
+    to ``class_vectors`` [K, D] (hdovd.build_hdovd passes every class text, novel included, and the
+    background: audit #20, a deviation in the header) plus a small ``W·h``: all cosines
     start near 0, the CE near log(K) (our init; the official code uses mmdet's default init).
     """
     num_vectors, dim = class_vectors.shape
