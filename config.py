@@ -462,8 +462,8 @@ def _check_value(key: str, value, tp):
         if isinstance(value, str):
             try:
                 return float(value)
-            except ValueError:
-                pass
+            except ValueError:  # not a number: the error below names the key
+                raise ConfigError(f"config key '{key}' expects a float, got {value!r}") from None
         raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
