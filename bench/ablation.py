@@ -13,21 +13,25 @@ Rows (each a training run of ``train.py`` with the config, ``--set`` values, the
     full       all three, as the config has them (paper: 46.4)
 Each row runs ``--seeds`` training seeds (``run.seed`` = 0, 1, ...) on ONE prepared world and
 knowledge: ``train.prepare`` runs once here first (world, teacher, knowledge), so only training
-seeds vary. Runs go to ``runs/ablation_<config stem>/<row>_s<seed>/``; a run whose ``metrics.json``
+seeds vary. Runs go seed by seed (every row's seed 0 in ``--rows`` order, then every row's seed 1,
+...) to ``<run.out_dir>/ablation_<config stem>/<row>_s<seed>/``; a run whose ``metrics.json``
 exists for the same resolved config is reused, so an interrupted ladder continues where it stopped.
 ``--jobs`` runs go side by side, each with ``--threads`` torch/OpenMP threads (one per core).
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``bench/results/ablation_<model.detector>``):
-per row the mean and sample std over seeds of AP50_novel, AP50_base, AP50_all, AP_all, AP_novel,
-AP75_novel (percent) and wall seconds per run, the per-seed numbers, and the ladder checks of
-issue 15 (oracle >= 90 novel AP50; base-only <= 0.2 x oracle; each single hierarchy above base-only
-by more than 2 std of base-only; full >= every single, >= 0.6 x oracle and >= 5 below it).
+per row the number of finished seeds, the mean and sample std over them of AP50_novel, AP50_base,
+AP50_all, AP_all, AP_novel, AP75_novel (percent) and wall seconds per run, the per-seed numbers,
+and the ladder checks of issue 15 (oracle >= 90 novel AP50; base-only <= 0.2 x oracle; each single
+hierarchy above base-only by more than 2 std of base-only, undecided (null) before base-only has 2
+seeds; full >= every single, >= 0.6 x oracle and >= 5 below it). Both files are rewritten after
+every finished run, so an interrupted ladder still leaves the rows it finished.
 Wall seconds are of the whole ``train.py`` process (training + final evaluation) on a shared
 machine: compare rows of one ladder, not machines.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -77,7 +81,8 @@ def launch(args, overrides: list[str], threads: int, log: Path) -> subprocess.Po
     """``train.py`` in its own process (own thread pool and memory), its output into ``log``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY="PASSIVE")  # spinning OpenMP threads cost 5-17x on busy cores
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", args.config, "--set", *overrides]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(args.config_file), "--set",
+           *overrides]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:  # the child keeps its own handle
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -94,73 +99,116 @@ def ladder_checks(summary: dict) -> dict:
         return summary[row][key]["mean"] if row in summary else None
 
     oracle, base, full = get("oracle"), get("base-only"), get("full")
-    base_std = summary["base-only"]["AP50_novel"]["std"] if "base-only" in summary else None
+    # the 2-std test needs a spread: undecided (None) until base-only has 2 seeds
+    base_std = (summary["base-only"]["AP50_novel"]["std"]
+                if summary.get("base-only", {}).get("seeds", 0) >= 2 else None)
     singles = {r: get(r) for r in ("H1", "H2", "H3") if r in summary}
     checks = {"oracle >= 90": None if oracle is None else oracle >= 90,
               "base-only <= 0.2 x oracle": None if None in (oracle, base) else base <= 0.2 * oracle,
               "full >= 0.6 x oracle": None if None in (oracle, full) else full >= 0.6 * oracle,
               "full <= oracle - 5": None if None in (oracle, full) else full <= oracle - 5}
     for r, v in singles.items():
-        checks[f"{r} > base-only + 2 std"] = None if base is None else v > base + 2 * base_std
+        checks[f"{r} > base-only + 2 std"] = None if base_std is None else v > base + 2 * base_std
         checks[f"full >= {r}"] = None if full is None else full >= v
     return checks
 
 
 def markdown(result: dict) -> str:
-    """The ladder as a Markdown table (mean ± std over seeds), then the checks."""
-    head = ("| row | novel AP50 | base AP50 | all AP50 | AP (0.5:0.95) | novel AP | novel AP75 "
-            "| wall s/run |")
-    lines = [f"Ladder of `{result['config']}` ({result['seeds']} seeds: mean ± sample std; "
-             f"{result['machine']}; `{result['command']}`)", "", head,
-             "|---|---|---|---|---|---|---|---|"]
+    """The ladder as a Markdown table (mean ± std over seeds; the mean alone for one seed), then
+    the checks."""
+    head = ("| row | seeds | novel AP50 | base AP50 | all AP50 | AP (0.5:0.95) | novel AP "
+            "| novel AP75 | wall s/run |")
+    lines = [f"Ladder of `{result['config']}` (mean ± sample std over the finished seeds of "
+             f"{result['seeds']}; {result['machine']}; commit {result['commit']}; "
+             f"`{result['command']}`)", "", head, "|---|---|---|---|---|---|---|---|---|"]
     for row, s in result["rows"].items():
-        cells = [f"{s[k]['mean']:.1f} ± {s[k]['std']:.1f}" for k in METRICS]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {s['wall_s']['mean']:.0f} |")
-    checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in result["checks"].items()
-                       if v is not None)
+        cells = [f"{s[k]['mean']:.1f}" + (f" ± {s[k]['std']:.1f}" if s["seeds"] > 1 else "")
+                 for k in METRICS]
+        lines.append(f"| {row} | {s['seeds']} | " + " | ".join(cells) +
+                     f" | {s['wall_s']['mean']:.0f} |")
+    word = {True: "yes", False: "NO", None: "undecided"}
+    checks = ", ".join(f"{k}: {word[v]}" for k, v in result["checks"].items())
     return "\n".join(lines + ["", f"Checks (issue 15): {checks}.", ""])
+
+
+def summarize(args, cfg: config.Config, argv, results: dict) -> dict:
+    """The result dict of the runs finished so far: rows with at least one finished seed."""
+    summary = {}
+    for row in args.rows:
+        runs = [results[(row, s)] for s in range(args.seeds) if (row, s) in results]
+        if not runs:
+            continue
+        summary[row] = {"seeds": len(runs)}
+        summary[row] |= {k: dict(zip(("mean", "std"), mean_std([m[k] for m, _ in runs])))
+                         for k in METRICS}
+        summary[row]["wall_s"] = dict(zip(("mean", "std"), mean_std([w for _, w in runs])))
+        summary[row]["per_seed"] = [{k: m[k] for k in METRICS} | {"wall_s": w,
+                                    "per_class_AP50": m["per_class_AP50"]} for m, w in runs]
+    command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                         text=True)
+    return {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+            "detector": cfg.model.detector, "command": command,
+            "commit": git.stdout.strip() or "unknown",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+                       f"{args.threads} x {args.jobs} jobs",
+            "rows": summary, "checks": ladder_checks(summary)}
 
 
 def main(argv=None) -> dict:
     parser = config.add_config_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per row (default 3)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
-                        help="rows to run (default: all)")
+                        help="rows to run, in this order (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per core)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--out", default=None, help="output prefix (default: "
                         "bench/results/ablation_<model.detector>)")
     args = parser.parse_args(argv)
-    cfg = config.config_from_args(args)
-    out_root = REPO / cfg.run.out_dir / f"ablation_{Path(args.config).stem}"
+    args.config_file = Path(args.config).resolve()  # train.py runs in REPO
+    out = Path(args.out).resolve() if args.out else None
+    with contextlib.chdir(REPO):  # relative data.root / run.out_dir: as in train.py's processes
+        return run_ladder(args, argv, out)
+
+
+def run_ladder(args, argv, out: Path | None) -> dict:
+    """Prepare the world once, train the missing runs, write ``<out>.json`` / ``.md``."""
+    cfg = config.load_config(args.config_file, args.overrides)
+    out_root = Path(cfg.run.out_dir) / f"ablation_{args.config_file.stem}"
+    out = out or REPO / "bench" / "results" / f"ablation_{cfg.model.detector}"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     # One world and one knowledge for every row: prepared here, before any run starts (the
     # oracle's view also writes its all-box file when the world lacks it).
     import train  # noqa: E402  (heavy: torch)
-    prep = config.load_config(args.config, args.overrides + row_overrides("oracle", cfg)
+    prep = config.load_config(args.config_file, args.overrides + row_overrides("oracle", cfg)
                               if "oracle" in args.rows else args.overrides)
     train.prepare(prep)
 
     todo, results = [], {}
-    for row in args.rows:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed by seed: an interrupted ladder has every row's seed 0
+        for row in args.rows:
             path = run_dir(out_root, row, seed)
             overrides = (args.overrides + row_overrides(row, cfg) +
-                         [f"run.seed={seed}", f"run.out_dir={out_root.relative_to(REPO)}",
-                          f"run.name={path.name}"])
-            run_cfg = config.load_config(args.config, overrides)
-            done = finished(path, run_cfg)
+                         [f"run.seed={seed}", f"run.out_dir={out_root}", f"run.name={path.name}"])
+            done = finished(path, config.load_config(args.config_file, overrides))
             if done is not None and (path / "wall_s.json").is_file():
                 results[(row, seed)] = (done, json.loads((path / "wall_s.json").read_text()))
                 print(f"ablation: {row} seed {seed}: reused {path}")
             else:
                 todo.append((row, seed, path, overrides))
 
+    def write() -> dict:
+        result = summarize(args, cfg, argv, results)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+        return result
+
     running = []
     while todo or running:
         while todo and len(running) < args.jobs:
             row, seed, path, overrides = todo.pop(0)
-            print(f"ablation: {row} seed {seed}: training -> {path}")
+            print(f"ablation: {row} seed {seed}: training -> {path}", flush=True)
             proc = launch(args, overrides, args.threads, path.with_suffix(".log"))
             running.append((row, seed, path, time.time(), proc))
         time.sleep(2)
@@ -176,27 +224,11 @@ def main(argv=None) -> dict:
             (path / "wall_s.json").write_text(json.dumps(wall))
             metrics = json.loads((path / "metrics.json").read_text())
             results[(row, seed)] = (metrics, wall)
+            write()  # after every run: an interrupted ladder keeps what it finished
             print(f"ablation: {row} seed {seed}: novel AP50 {metrics['AP50_novel']:.1f} "
-                  f"({wall:.0f} s)")
+                  f"({wall:.0f} s)", flush=True)
 
-    summary = {}
-    for row in args.rows:
-        runs = [results[(row, s)] for s in range(args.seeds)]
-        summary[row] = {k: dict(zip(("mean", "std"), mean_std([m[k] for m, _ in runs])))
-                        for k in METRICS}
-        summary[row]["wall_s"] = dict(zip(("mean", "std"), mean_std([w for _, w in runs])))
-        summary[row]["per_seed"] = [{k: m[k] for k in METRICS} | {"wall_s": w,
-                                    "per_class_AP50": m["per_class_AP50"]} for m, w in runs]
-    command = "python bench/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
-              "detector": cfg.model.detector, "command": command,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                         f"{args.threads} x {args.jobs} jobs",
-              "rows": summary, "checks": ladder_checks(summary)}
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"ablation_{cfg.model.detector}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    result = write()
     print(markdown(result))
     return result
 
