@@ -244,7 +244,8 @@ class TeacherConfig:
                                         # unused by "crop"
     amp: bool = True                    # bf16 autocast for CLIP forwards on CPU (CUDA: fp16
                                         # weights); measured
-    threads: int = 0                    # torch.set_num_threads while extracting (0 = all cores)
+    threads: int = 0                    # torch.set_num_threads while extracting (0 = all cores;
+                                        # 1 where other jobs share the cores: LOG.md 2026-11-30)
     box_batch_size: int = 64            # crops per CLIP forward; measured
     image_batch_size: int = 32          # images per extraction step (their boxes share forwards)
     num_pseudo_boxes: int = 5           # kept proposals per image (object-centric-ovd top 5; 1.2)

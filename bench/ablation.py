@@ -23,8 +23,9 @@ per row the number of finished seeds, the mean and sample std over them of AP50_
 AP50_all, AP_all, AP_novel, AP75_novel (percent) and wall seconds per run, the per-seed numbers,
 and the ladder checks of issue 15 (oracle >= 90 novel AP50; base-only <= 0.2 x oracle; each single
 hierarchy above base-only by more than 2 std of base-only, undecided (null) before base-only has 2
-seeds; full >= every single, >= 0.6 x oracle and >= 5 below it). Both files are rewritten after
-every finished run, so an interrupted ladder still leaves the rows it finished.
+seeds, and, stricter, by more than 2 std of the difference, sqrt(std_row^2 + std_base^2), undecided
+before both rows have 2; full >= every single, >= 0.6 x oracle and >= 5 below it). Both files are
+rewritten after every finished run, so an interrupted ladder still leaves the rows it finished.
 Wall seconds are of the whole ``train.py`` process (training + final evaluation) on a shared
 machine: compare rows of one ladder, not machines.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -109,6 +111,10 @@ def ladder_checks(summary: dict) -> dict:
               "full <= oracle - 5": None if None in (oracle, full) else full <= oracle - 5}
     for r, v in singles.items():
         checks[f"{r} > base-only + 2 std"] = None if base_std is None else v > base + 2 * base_std
+        # stricter: the gap against 2 std of a difference of two single runs (both rows' spreads)
+        r_std = summary[r]["AP50_novel"]["std"] if summary[r]["seeds"] >= 2 else None
+        checks[f"{r} - base-only > 2 std of the difference"] = (
+            None if None in (base_std, r_std) else v - base > 2 * math.hypot(base_std, r_std))
         checks[f"full >= {r}"] = None if full is None else full >= v
     return checks
 

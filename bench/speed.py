@@ -20,7 +20,8 @@ ops of three training steps of the full model; LOG.md quotes it). Keys of speed.
   plus DataLoader workers, sampled every 0.2 s; shared pages count once per process, so it is an
   upper bound) of ``train.py --config CONFIG`` for ``--rss-steps`` steps and an evaluation of 96
   images, on the prepared world and knowledge of that config (``peak_pss_gb``: the same sum in
-  proportional set size, shared pages split).
+  proportional set size, shared pages split: the physical memory of the tree;
+  ``peak_rss_one_process_gb``: the largest single process, what ``/usr/bin/time`` reports).
 * ``train_step_gflop`` (torch.utils.flop_counter: matmuls and convolutions, forward + backward),
   ``train_step_gflops_per_s`` (that over the full step's median time) and ``gemm_peak_gflops_per_s``
   (square matmuls of 512-2048 in the step's dtype, best of them) with ``utilisation`` = the ratio.
@@ -30,6 +31,7 @@ sides alternate, ``--rounds`` times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -133,8 +135,18 @@ def gemm_peak(dtype: torch.dtype) -> float:
     return best
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) in bytes over ``pid`` and its descendants (Linux /proc)."""
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(sum of RSS, sum of PSS, largest single RSS) in bytes over ``pid`` and its descendants
+    (Linux /proc)."""
     children = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -143,7 +155,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
                 children.setdefault(ppid, []).append(int(p.name))
             except (OSError, IndexError, ValueError):
                 continue
-    rss = pss = 0
+    rss = pss = largest = 0
     todo = [pid]
     while todo:
         q = todo.pop()
@@ -151,12 +163,13 @@ def tree_memory(pid: int) -> tuple[int, int]:
         try:
             for line in Path(f"/proc/{q}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
+                    one = int(line.split()[1]) * 1024
+                    rss, largest = rss + one, max(largest, one)
                 elif line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return rss, pss
+    return rss, pss, largest
 
 
 def peak_memory(args, threads: int) -> dict:
@@ -169,14 +182,15 @@ def peak_memory(args, threads: int) -> dict:
         start = time.time()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        peak_rss = peak_pss = 0
+        peak_rss = peak_pss = peak_one = 0
         while proc.poll() is None:
-            rss, pss = tree_memory(proc.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            rss, pss, one = tree_memory(proc.pid)
+            peak_rss, peak_pss, peak_one = max(peak_rss, rss), max(peak_pss, pss), max(peak_one, one)
             time.sleep(0.2)
         if proc.returncode != 0:
             raise SystemExit(f"speed: the training run failed:\n{proc.stderr.read()[-2000:]}")
     return {"peak_rss_gb": round(peak_rss / 2**30, 3), "peak_pss_gb": round(peak_pss / 2**30, 3),
+            "peak_rss_one_process_gb": round(peak_one / 2**30, 3),
             "rss_run": {"steps": args.rss_steps, "eval_images": 96, "seconds": round(time.time() - start, 1),
                         "command": " ".join(cmd[1:])}}
 
@@ -192,7 +206,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     use_amp, dtype = train.amp_setting(cfg.train, torch.device("cpu"))
     result = {"config": args.config, "overrides": args.overrides, "threads": args.threads,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor()}",
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {cpu_name()}",
               "torch": torch.__version__, "amp": use_amp, "dtype": str(dtype).split(".")[-1]}
 
     # 1. Inference: HD-OVD detect vs the torchvision twin, one eval batch of random images.

@@ -361,8 +361,9 @@ def build_knowledge(cfg, force: bool = False, shard: int = 0, num_shards: int = 
     """Every offline teacher output of the module docstring; skips what is done. Returns the stats
     dict once all train images have their file (None for a shard that finishes before others).
 
-    Runs with ``teacher.threads`` torch threads (one thread wasted far less time in spin-waits on
-    a shared 2-core machine) and restores the caller's setting afterwards.
+    Runs with ``teacher.threads`` torch threads (0: all cores, faster on a quiet machine; 1 wastes
+    far less time in spin-waits where other jobs share the cores) and restores the caller's
+    setting afterwards.
     """
     if not 0 <= shard < num_shards:
         raise TeacherError(f"--shard {shard} must be in 0..{num_shards - 1}")

@@ -175,6 +175,11 @@ def test_ladder_checks():
     checks = ablation.ladder_checks(summary)
     assert checks["oracle >= 90"] and checks["base-only <= 0.2 x oracle"]
     assert checks["H1 > base-only + 2 std"] and not checks["H3 > base-only + 2 std"]  # 13 < 14
+    assert checks["H1 - base-only > 2 std of the difference"]  # 40 > 2 x hypot(2, 0)
+    summary["H1"] = row(17, 3)  # 7 > 2 x 2 = 4, but 7 < 2 x hypot(2, 3) = 7.2
+    checks = ablation.ladder_checks(summary)
+    assert checks["H1 > base-only + 2 std"] and not checks["H1 - base-only > 2 std of the difference"]
+    summary["H1"] = row(50, 3)
     assert checks["full >= H2"] and checks["full >= 0.6 x oracle"] and checks["full <= oracle - 5"]
     assert ablation.ladder_checks({"full": row(80)})["full <= oracle - 5"] is None
     # one base-only seed has no spread: the 2-std test is undecided, not passed
