@@ -41,6 +41,13 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
 
 
+# The autocast keys (clip_pretrain.amp, teacher.amp, teacher.proposals.amp, train.amp): true/false
+# force bf16 autocast on or off; "auto" turns it on only where the hardware runs bf16 natively
+# (``resolve_amp``). Forced on where it is not native, bf16 is emulated: a 1024² matmul ran 52x
+# slower than fp32 on a Zen 3 EPYC without AVX512-BF16 (issue 20), where "auto" gives fp32.
+Precision = typing.Union[bool, typing.Literal["auto"]]
+
+
 # ----------------------------------------------------------------------------------------------
 # The tree. Each section is one concept; each leaf is a plain Python type.
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +182,7 @@ class ClipPretrainConfig:
         "a {}", "the {}", "one {}", "a single {}", "a {} in the middle"])  # never the eval templates
     filler_prob: float = 0.5            # captions given 1-2 random unused words, so unseen template
                                         # words are ignored (measured, LOG.md)
-    amp: bool = True                    # bf16 autocast (WORLD.md: faster on CPU)
+    amp: Precision = "auto"             # bf16 autocast where native (resolve_amp; WORLD.md)
     threads: int = 0                    # torch.set_num_threads (0 = torch's default: all cores)
     log_every: int = 50                 # steps between progress-bar loss updates
     ckpt_every: int = 300               # steps between resume points (teacher/pretrain_ckpt.pt):
@@ -198,7 +205,8 @@ class ProposalConfig:
                                         # detector's model.backbone_weights); "" = from scratch
     backbone_blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # "basic" only:
                                         # BasicBlocks per stage (ResNet-18: 2,2,2,2); measured
-    amp: bool = True                    # bf16 autocast (CPU with avx512_bf16, CUDA); measured 2x
+    amp: Precision = "auto"             # bf16 autocast where native (resolve_amp); 2x measured
+                                        # on a CPU with AVX512-BF16
     fpn_channels: int = 256             # FPN width (torchvision, OLN: 256)
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # one per level,
                                         # strides 8-64, for ~800 px images
@@ -242,8 +250,8 @@ class TeacherConfig:
     context_scale: float = 2.83         # OADP: side sqrt(8 w h), sqrt(8) = 2.83
     upsample: int = 2                   # OAKE token upsampling (OADP ViT-B/32: stride 32 -> 16);
                                         # unused by "crop"
-    amp: bool = True                    # bf16 autocast for CLIP forwards on CPU (CUDA: fp16
-                                        # weights); measured
+    amp: Precision = "auto"             # bf16 autocast for CLIP forwards on CPU where native
+                                        # (resolve_amp; CUDA: clip.load's fp16 weights)
     threads: int = 0                    # torch.set_num_threads while extracting (0 = all cores;
                                         # 1 where other jobs share the cores: LOG.md 2026-11-30)
     box_batch_size: int = 64            # crops per CLIP forward; measured
@@ -399,9 +407,10 @@ class TrainConfig:
     gamma: float = 0.1                  # step-decay factor (official 0.1)
     clip_grad_norm: float = 0.0         # max L2 norm of all grads, 0 = off (official FRCNN: off;
                                         # AdaMixer 1.0)
-    amp: bool = False                   # autocast (CUDA bf16/fp16, CPU bf16 only); official: fp32
-                                        # (no fp16 key in the config or its bases)
-    amp_dtype: str = "float16"          # "float16" (with GradScaler) or "bfloat16" (no scaling)
+    amp: Precision = "auto"             # autocast: "auto" = bf16 where native (resolve_amp), true =
+                                        # amp_dtype; official: fp32 (no fp16 key in the config or
+                                        # its bases): set false for the paper's numerics
+    amp_dtype: str = "float16"          # with amp true: "float16" (GradScaler) or "bfloat16"
     log_every: int = 50                 # steps between log.jsonl lines (mmdet log interval 50)
     eval_every: int = 6736              # steps between evaluations, 0 = only at the end (official:
                                         # after every epoch)
@@ -444,11 +453,24 @@ def class_names(cfg: Config) -> list[str]:
 def _check_value(key: str, value, tp):
     """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None, Precision
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _check_value(key, value, args[0])
+        if len(args) == 1:
+            return _check_value(key, value, args[0])
+        for a in args:
+            try:
+                return _check_value(key, value, a)
+            except ConfigError:
+                pass
+        if tp == Precision:
+            raise ConfigError(f"config key '{key}' expects true/false or 'auto', got {value!r}")
+        raise ConfigError(f"config key '{key}' expects one of {args}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}' expects one of {typing.get_args(tp)}, got {value!r}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -595,3 +617,44 @@ def resolve_device(name: str):
         raise ConfigError(f"run.device={name} but CUDA is not available; use --set run.device=cpu "
                           f"or auto")
     return torch.device(name)
+
+
+def bf16_is_native(device) -> bool:
+    """Does ``device`` run bf16 matmuls natively? CUDA: compute capability with bf16 (Ampere and
+    later; emulation does not count). CPU: oneDNN's own check (AVX512-BF16 or AMX), the kernels
+    CPU autocast dispatches to. Anything else: no."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def resolve_amp(setting: bool | str, device) -> bool:
+    """An autocast key's value for ``device``: true/false as given, "auto" → ``bf16_is_native``."""
+    return bf16_is_native(device) if setting == "auto" else bool(setting)
+
+
+def precision_report(cfg: Config, device) -> dict:
+    """The resolved precision of every autocast key on ``device`` (what a run prints and records):
+    {"bf16_native": bool, "clip_pretrain" | "teacher" | "teacher.proposals" | "train": dtype name}.
+    ``train`` honours ``train.amp_dtype`` when forced on; the preparation phases autocast to bf16."""
+    def name(setting, dtype="bfloat16"):
+        return dtype if resolve_amp(setting, device) else "float32"
+
+    t = cfg.train
+    return {"bf16_native": bf16_is_native(device),
+            "clip_pretrain": name(cfg.clip_pretrain.amp), "teacher": name(cfg.teacher.amp),
+            "teacher.proposals": name(cfg.teacher.proposals.amp),
+            "train": name(t.amp, t.amp_dtype if t.amp is True else "bfloat16")}
+
+
+def precision_line(cfg: Config, device) -> str:
+    """One line for the start of a run: where bf16 is native and what each autocast key became."""
+    r = precision_report(cfg, device)
+    where = f"{device.type.upper()} {'runs' if r['bf16_native'] else 'does not run'} bf16 natively"
+    phases = ", ".join(f"{k} {v}" for k, v in r.items() if k != "bf16_native")
+    return f"precision: {where}; {phases}"

@@ -23,8 +23,9 @@ Contract
   ``train.log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled,
   <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
   "images_per_s", "eta_s"}``, averages over the steps since the last line; losses are means over
-  the ranks, the rest rank 0's; and one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
-  evaluation), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
+  the ranks, the rest rank 0's; one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
+  evaluation; and at every start or resume one ``{"kind": "run", "step", "device", "world_size",
+  "precision": config.precision_report}`` line, the autocast dtype each phase resolved to), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
   percent) and ``loss_curves.png`` (evaluate.plot_loss_curves of log.jsonl: each scaled loss and
   the total against the step; a picture matplotlib fails to draw is a warning, not a failed run).
   Only rank 0 writes files and shows progress. Every file is written atomically (a
@@ -128,10 +129,14 @@ def lr_factor(step: int, train_cfg: config.TrainConfig) -> float:
 
 
 def amp_setting(train_cfg: config.TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(autocast on?, dtype). CUDA: bf16 or fp16. CPU: bf16 only (fp16 autocast on CPU is slow;
-    bf16 ran 1.5x faster than fp32 per step on 2 cores with avx512_bf16, LOG.md)."""
+    """(autocast on?, dtype) of ``train.amp``. "auto": bf16 where the device runs it natively
+    (config.resolve_amp), else fp32. true: ``train.amp_dtype`` on CUDA (bf16 or fp16); on CPU
+    bf16 only (CPU fp16 autocast is slow; bf16 ran 1.5x faster than fp32 per step on 2 cores with
+    AVX512-BF16, LOG.md)."""
     if train_cfg.amp_dtype not in ("bfloat16", "float16"):
         raise config.ConfigError(f"train.amp_dtype={train_cfg.amp_dtype!r}: use bfloat16 or float16")
+    if train_cfg.amp == "auto":
+        return config.resolve_amp("auto", device), torch.bfloat16
     dtype = getattr(torch, train_cfg.amp_dtype)
     return train_cfg.amp and (device.type == "cuda" or dtype == torch.bfloat16), dtype
 
@@ -522,6 +527,8 @@ def main(argv=None) -> dict | None:
     else:
         rank, world_size = 0, 1
     master = rank == 0  # logs, writes files, checkpoints
+    if master:
+        print(f"train.py: {config.precision_line(cfg, device)}", flush=True)
     seed_everything(cfg.run.seed + rank)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_path = run_dir / "ckpt.pth"
@@ -561,6 +568,8 @@ def main(argv=None) -> dict | None:
             dist.destroy_process_group()
         return metrics
     log = RunLog(run_dir, step, master, cfg, world_size)
+    log.write({"kind": "run", "step": step, "device": str(device), "world_size": world_size,
+               "precision": config.precision_report(cfg, device)})  # what "auto" became here
     save = lambda at_step, states, m: master and save_checkpoint(  # noqa: E731
         ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, *states)
 

@@ -80,7 +80,7 @@ def train_steps(cfgs: dict, steps: int, rounds: int) -> dict:
 
     def step(name):
         cfg, model, weights, opt = setups[name]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_amp(cfg.train.amp, "cpu")):
             losses = model(images, targets)
         total = sum(weights[k] * v.float() for k, v in losses.items() if k.startswith("loss_"))
         opt.zero_grad(set_to_none=True)

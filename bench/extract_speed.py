@@ -72,7 +72,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; teacher: "
           f"{cfg.teacher.clip_model if Path(cfg.teacher.clip_model).is_file() else 'random CLIP'}; "
           f"context {cfg.teacher.context} x{cfg.teacher.context_scale}; batch {cfg.teacher.box_batch_size}; "
-          f"bf16 autocast on CPU: {cfg.teacher.amp}")
+          f"bf16 autocast on CPU: {config_lib.resolve_amp(cfg.teacher.amp, 'cpu')} (teacher.amp={cfg.teacher.amp})")
     rows = []
     for device in devices:
         model, preprocess = build_model(cfg, device)

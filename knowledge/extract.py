@@ -17,7 +17,8 @@ CLIP never runs inside the training loop. ``python -m knowledge --config config.
    ``region_acc_base/novel`` (zero-shot accuracy of val GT box embeddings over all classes),
    ``pseudo_label_acc`` (pseudo boxes at IoU >= 0.5 with a train base box whose noun is its
    class), ``pseudo_label_acc_val_base/novel`` (the same on val proposals, the present classes
-   standing in for caption nouns), the calibration constants and counts;
+   standing in for caption nouns), the calibration constants and counts, and ``precision``
+   (what the ``teacher.amp`` keys resolved to here: config.precision_report);
 6. ``timing.json``: the measurements of the run that wrote stats.json (``timing_s`` per phase,
    ``images_extracted_this_run``). Every other file is the same, byte for byte, for the same config
    and seed on the same machine type (CPU, same thread count), however often the extraction was
@@ -477,6 +478,8 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
                        "context_scale": t.context_scale, "upsample": t.upsample},
         proposal_net={k: v for k, v in net_info.items() if k not in ("config", "seconds")},
         calibration=cal, clip_model=t.clip_model, num_train_images=len(train),
+        precision={k: v for k, v in config_lib.precision_report(cfg, device).items()
+                   if k in ("bf16_native", "teacher", "teacher.proposals")},
         images_without_caption_nouns=sum(1 for i in train.ids if not nouns.get(i)))
     # Measurements of this run go to their own file: stats.json is the same for the same seed.
     _save_atomic({"timing_s": timing, "images_extracted_this_run": len(pending)},

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import config
 import data
 from knowledge.clip_io import model_device
 
@@ -175,10 +176,12 @@ def encode_boxes_oake(model, crops, masks, upsample: int = 1):
     return v.ln_post(z[:, -1]) @ v.proj                                           # (R, D)
 
 
-def _autocast(model, amp: bool):
-    """bf16 autocast for CPU forwards when ``amp`` (CUDA models are fp16 already, from clip.load)."""
-    cpu = model_device(model).type == "cpu"
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp and cpu)
+def _autocast(model, amp: bool | str):
+    """bf16 autocast for CPU forwards when ``amp`` resolves on (config.resolve_amp: "auto" = where
+    the CPU runs bf16 natively); CUDA models are fp16 already, from clip.load."""
+    device = model_device(model)
+    return torch.autocast("cpu", dtype=torch.bfloat16,
+                          enabled=device.type == "cpu" and config.resolve_amp(amp, device))
 
 
 @torch.no_grad()

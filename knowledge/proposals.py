@@ -74,6 +74,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+import config
 import data
 from detector import batch_images, build_backbone
 from knowledge.official import read_proposal_pkl
@@ -222,6 +223,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
     else:
         opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
     schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
+    use_amp = config.resolve_amp(pcfg.amp, device)  # "auto": bf16 only where native
     start, step, smooth = time.time(), 0, None
     bar = data.progress_bar(total=pcfg.max_steps, desc="proposal net", leave=False)
     while True:
@@ -232,7 +234,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
             padded = batch_images(images)  # the detector's zero padding to multiples of 32
             batch, sizes = padded.tensors, padded.image_sizes
             batch = batch.to(device, memory_format=torch.channels_last)  # faster convs (measured)
-            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=pcfg.amp):
+            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits, deltas, anchors, _ = net(batch, sizes)
             logits, deltas = logits.float(), deltas.float()
             losses = proposal_losses(net, logits, deltas, anchors,
@@ -258,14 +260,15 @@ def train_proposal_net(cfg, device="cpu", log=print):
 
 @torch.no_grad()
 def propose(net, images, image_sizes, top_k: int, nms_iou: float, min_side, pre_nms_top_n: int,
-            amp: bool = False, score_thresh: float = 0.0):
+            amp: bool | str = False, score_thresh: float = 0.0):
     """Kept proposals per image: list of (boxes (k, 4), scores (k,)) in the input (resized) frame.
 
     Per level the top ``pre_nms_top_n`` anchors by score are decoded; then clipping, the size
     filter (both sides > ``min_side``, a float or one per image), NMS, scores >= ``score_thresh``,
-    top-k. ``amp``: bf16 autocast.
+    top-k. ``amp``: bf16 autocast (config.resolve_amp: "auto" = where native).
     """
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+    use_amp = config.resolve_amp(amp, images.device)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
         images = images.contiguous(memory_format=torch.channels_last)
         logits, deltas, anchors, num_per_level = net(images, image_sizes)
     scores, deltas = logits.float().sigmoid(), deltas.float()                      # (B, N), (B, N, 4)

@@ -206,14 +206,16 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     n_single = round(pre.batch_size * pre.single_fraction)
     n_scene = pre.batch_size - n_single
     schedule = warmup_cosine(opt, pre.warmup_steps, pre.max_steps)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=pre.amp)
+    use_amp = config_lib.resolve_amp(pre.amp, device)  # "auto": bf16 only where native
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
     start, losses, first = time.time(), [], 1
     # what decides the weights (everything but how often to log or save); a checkpoint made with
     # other settings is not resumed
     key = {"clip_pretrain": {k: v for k, v in config_lib.config_to_dict(cfg)["clip_pretrain"].items()
                              if k not in ("log_every", "ckpt_every")},
            "world": config_lib.config_to_dict(cfg)["world"] | {"workers": None},  # any count
-           "class_names": names, "templates": list(cfg.teacher.templates)}
+           "class_names": names, "templates": list(cfg.teacher.templates),
+           "precision": "bfloat16" if use_amp else "float32"}
     if ckpt_path is not None and Path(ckpt_path).is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state["key"] == key:
@@ -268,7 +270,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     stats = {"train_steps": pre.max_steps,
              "final_loss": round(float(np.mean(losses[-pre.log_every:])), 4) if losses else None,
              "num_singles": len(pool["singles"]), "num_scenes": len(pool["scenes"]),
-             "device": str(device)}
+             "device": str(device), "precision": key["precision"]}
     timing = {"train_seconds": round(seconds, 1), "steps_this_run": pre.max_steps - first + 1,
               "seconds_per_step": round(seconds / max(pre.max_steps - first + 1, 1), 4),
               "threads": torch.get_num_threads()}
