@@ -503,7 +503,7 @@ def load_text_embeddings(cfg) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
                                 f"`python -m knowledge --config <your config>`")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     names = config.class_names(cfg)
     if list(saved["class_names"]) != names:
         raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "

@@ -24,8 +24,8 @@ Contract
   <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
   "images_per_s", "eta_s"}``, averages over the steps since the last line; losses are means over
   the ranks, the rest rank 0's; one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
-  evaluation; and at every start or resume one ``{"kind": "run", "step", "device", "world_size",
-  "precision": config.precision_report}`` line, the autocast dtype each phase resolved to), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
+  evaluation; and first one ``{"kind": "run", "step": 0, "device", "world_size", "precision":
+  config.precision_report}`` line, the autocast dtype each phase resolved to), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
   percent) and ``loss_curves.png`` (evaluate.plot_loss_curves of log.jsonl: each scaled loss and
   the total against the step; a picture matplotlib fails to draw is a warning, not a failed run).
   Only rank 0 writes files and shows progress. Every file is written atomically (a
@@ -211,7 +211,7 @@ def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, schedu
     """Restore everything needed for the next step to be the one an uninterrupted run takes;
     returns (step, metrics of the last evaluation or None)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors, plain types
         saved_config = ckpt["config"]
     except Exception as e:  # torch raises several types for damaged or foreign files
         raise config.ConfigError(
@@ -256,15 +256,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """This process's random states (python, numpy, torch CPU, and CUDA when present)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's random states (python, numpy, torch CPU, and CUDA when present), as tensors
+    and plain types only, so that the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def _as_tuples(x):
+    """random.setstate wants the nested tuples random.getstate gave (a checkpoint may hold lists)."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -568,8 +577,9 @@ def main(argv=None) -> dict | None:
             dist.destroy_process_group()
         return metrics
     log = RunLog(run_dir, step, master, cfg, world_size)
-    log.write({"kind": "run", "step": step, "device": str(device), "world_size": world_size,
-               "precision": config.precision_report(cfg, device)})  # what "auto" became here
+    if step == 0:  # what "auto" became here (a resumed run keeps its first line: exact resume)
+        log.write({"kind": "run", "step": 0, "device": str(device), "world_size": world_size,
+                   "precision": config.precision_report(cfg, device)})
     save = lambda at_step, states, m: master and save_checkpoint(  # noqa: E731
         ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, *states)
 

@@ -18,7 +18,6 @@ What is checked
 * A one-batch overfit drives the losses down and ``detect`` then finds every drawn box with its label.
 """
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from conftest import assert_detects_the_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import adamixer  # noqa: E402
 import box_ops  # noqa: E402
 import config  # noqa: E402

@@ -259,7 +259,7 @@ def _run_with_checkpoint(copy, checkpoint, change) -> list[str]:
     sets, root = copy
     run = _path(sets, "run.out_dir") / "resumed"
     run.mkdir(parents=True)
-    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt = torch.load(checkpoint, weights_only=True)
     if change == "damaged":
         (run / "ckpt.pth").write_bytes(checkpoint.read_bytes()[:1000])
     else:
@@ -370,7 +370,7 @@ def test_full_disk_during_a_checkpoint(copy, monkeypatch):
            r"checkpoint is intact: free disk space .* run the same command again")
     monkeypatch.undo()
     run = _path(sets, "run.out_dir") / "disk"
-    assert torch.load(run / "ckpt.pth", weights_only=False)["step"] == 1
+    assert torch.load(run / "ckpt.pth", weights_only=True)["step"] == 1
     assert not list(run.glob(".*.tmp"))
 
 
@@ -398,7 +398,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(copy, monkeypatch, capsys):
     assert "loss_cls" in capsys.readouterr().err  # the loss dict
     monkeypatch.undo()
     run = _path(sets, "run.out_dir") / "nan"
-    assert torch.load(run / "ckpt.pth", weights_only=False)["step"] == 2
+    assert torch.load(run / "ckpt.pth", weights_only=True)["step"] == 2
     assert train.cli(argv)["step"] == 4  # the same command resumes from it
 
 

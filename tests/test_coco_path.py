@@ -98,7 +98,8 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     run_dir = tmp_path / "runs" / cfg.run.name
     assert {"AP50_novel", "AP50_base", "AP50_all", "AP_all"} <= set(metrics)
     assert json.loads((run_dir / "metrics.json").read_text())["AP50_all"] == metrics["AP50_all"]
-    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
     assert steps[:2] == [1, 2]
     # The knowledge follows the COCO contract: GT embeddings aligned with the .48 file's base boxes.
     ds = data.build_dataset(cfg, "train", knowledge=True)
@@ -106,7 +107,7 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     know = target["knowledge"]
     assert know["gt_emb"].shape == (len(target["boxes"]), 64)
     assert (target["labels"] < 48).all()  # only base boxes in training
-    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["backbone"] == "resnet50"
     # frozen stem and stage 1 (official frozen_stages=1) did not move
     saved = torch.load(tiny_coco / "resnet50.pth")
@@ -129,10 +130,11 @@ def test_ov_coco_adamixer_config_trains_two_steps(tiny_coco, tmp_path):
 
     run_dir = tmp_path / "runs" / cfg.run.name
     assert {"AP50_novel", "AP50_base", "AP50_all", "AP_all"} <= set(metrics)
-    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
     assert [r["step"] for r in logged[:2]] == [1, 2]
     assert {"loss_query_qfl", "loss_cls", "loss_obj", "loss_l1", "loss_giou"} <= set(logged[0])
-    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=True)
     state = ckpt["model"]
     assert ckpt["step"] == 2 and int(state["train_steps"]) == 2
     assert state["detector.stages.5.mixing.generator.weight"].shape == (4 * (64 * 64 + 128 * 32), 256)

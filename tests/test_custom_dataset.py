@@ -64,7 +64,7 @@ def test_own_dataset_from_coco_json_to_metrics(tiny_world, tmp_path):
     assert not (root / "teacher").exists()
     train_set = data.build_dataset(cfg, "train")
     assert train_set.num_novel_boxes > 0  # the file has novel boxes; training never sees them
-    knowledge = torch.load(root / "knowledge" / "0001.pt", weights_only=False)
+    knowledge = torch.load(root / "knowledge" / "0001.pt", weights_only=True)
     assert set(knowledge["pseudo_nouns"]) <= set(BASE + NOVEL)  # no captions: the class names
     for i in range(len(train_set)):
         assert (train_set[i][1]["labels"] < len(BASE)).all()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from config import load_config  # noqa: E402
 

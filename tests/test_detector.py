@@ -11,7 +11,6 @@ What is checked
 * Config errors of ``build_backbone`` / ``build_faster_rcnn`` name the key and what to do.
 """
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 import detector  # noqa: E402
 

@@ -15,14 +15,12 @@ from orthogonal), so the contrastive losses are not trivially ~0.
 """
 import copy
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distill  # noqa: E402
 
 D = 64            # embedding width in these tests

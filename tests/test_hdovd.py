@@ -18,7 +18,6 @@ What is checked
   box (IoU > 0.5) with its label.
 """
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from conftest import assert_detects_the_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 import hdovd  # noqa: E402
 

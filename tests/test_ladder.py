@@ -16,8 +16,7 @@ from conftest import REPO
 from knowledge.pseudo_labels import build_noun_matcher
 from shapes_ov import clip_pretrain, shapes, world
 
-sys.path.insert(0, str(REPO / "bench"))
-import ablation  # noqa: E402
+from bench import ablation  # bench/ is a namespace package under the root conftest puts on sys.path
 
 TINY = ["world.num_train=40", "world.num_val=16", "world.workers=1"]
 LOOKALIKES_OUT = ["data.base_classes=[circle,star,cross,diamond,hexagon,heart,arrow,plus,pentagon,"

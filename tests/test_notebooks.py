@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from notebooks import run_all  # notebooks/run_all.py: the runner that also regenerates them
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-sys.path.insert(0, str(NOTEBOOKS_DIR))
-import run_all  # noqa: E402  (notebooks/run_all.py: the runner that also regenerates them)
 
 NOTEBOOKS = run_all.NOTEBOOKS
 

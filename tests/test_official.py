@@ -144,7 +144,7 @@ def test_coco_config_trains_two_steps_from_the_official_files(layout, tmp_path, 
     assert [r["step"] for r in logged if r["kind"] == "train"][:2] == [1, 2]
     assert all(math.isfinite(r["loss_skd"]) and math.isfinite(r["loss_img"])
                for r in logged if r["kind"] == "train")
-    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=True)
     detpro = F.normalize(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS).float(), dim=-1)
     torch.testing.assert_close(ckpt["model"]["class_embeddings"], detpro)  # the DetPro rows, in order
     assert not data.knowledge_dir(cfg).exists()  # nothing extracted, nothing written

@@ -133,8 +133,8 @@ def _log(run_dir: Path, kind: str = "train") -> list[dict]:
 
 
 def _same_weights(a: Path, b: Path) -> None:
-    ma = torch.load(a, weights_only=False)["model"]
-    mb = torch.load(b, weights_only=False)["model"]
+    ma = torch.load(a, weights_only=True)["model"]
+    mb = torch.load(b, weights_only=True)["model"]
     assert ma.keys() == mb.keys()
     different = [k for k in ma if not torch.equal(ma[k], mb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -209,13 +209,13 @@ def test_killed_training_resumes_to_the_same_weights_and_metrics(tiny_world, tmp
     log = tmp_path / "killed.log"
     _kill_when(_start([sys.executable, "train.py", *args], log),
                lambda: len(_log(tmp_path / "killed")) >= 3, log)
-    assert torch.load(tmp_path / "killed" / "ckpt.pth", weights_only=False)["step"] in (2, 4)
+    assert torch.load(tmp_path / "killed" / "ckpt.pth", weights_only=True)["step"] in (2, 4)
     train.main(args)  # the same command again
 
     # b. Killed half-way through writing the step-4 checkpoint: the step-2 one stays whole.
     args = _train_args(tiny_world, tmp_path, "torn")
     _die_at_write(tmp_path, "torch.save", r"ckpt\.pth", 2, "train.py", args)
-    assert torch.load(tmp_path / "torn" / "ckpt.pth", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "torn" / "ckpt.pth", weights_only=True)["step"] == 2
     train.main(args)
 
     for name in ("killed", "torn"):
@@ -243,7 +243,7 @@ def test_torn_last_log_line_is_dropped_on_resume(tiny_world, tmp_path, one_threa
                        "data.num_workers=0")
     train.main(args)
     run = tmp_path / "torn_log"
-    ckpt = torch.load(run / "ckpt.pth", weights_only=False)
+    ckpt = torch.load(run / "ckpt.pth", weights_only=True)
     ckpt["metrics"] = None  # as if killed while logging step 2, after its checkpoint
     torch.save(ckpt, run / "ckpt.pth")
     with open(run / "log.jsonl", "a") as f:
@@ -339,7 +339,7 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny_world, tmp_path, o
     rank0, rank1 = _rank_logs(tmp_path / "logs_ddp", 0), _rank_logs(tmp_path / "logs_ddp", 1)
     assert "train:" in rank0 and "AP50 novel" in rank0
     assert not any(s in rank1 for s in ("train:", "eval:", "AP50", "train.py: ")), rank1
-    ckpt = torch.load(ddp / "ckpt.pth", weights_only=False)
+    ckpt = torch.load(ddp / "ckpt.pth", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2
     assert len(ckpt["rng"]) == len(ckpt["rank_buffers"]) == 2  # both ranks' states
     assert not any(k.startswith("module.") for k in ckpt["model"])  # unwrapped state dict
@@ -373,6 +373,6 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny_world, tmp_path, o
     assert proc.wait(timeout=600) == 0, (tmp_path / "logs_resumed" / "torchrun.log").read_text()[-3000:]
     _same_weights(ddp / "ckpt.pth", tmp_path / "ddp_killed" / "ckpt.pth")
     assert (tmp_path / "ddp_killed" / "metrics.json").read_bytes() == (ddp / "metrics.json").read_bytes()
-    resumed = torch.load(tmp_path / "ddp_killed" / "ckpt.pth", weights_only=False)
+    resumed = torch.load(tmp_path / "ddp_killed" / "ckpt.pth", weights_only=True)
     for mine, theirs in zip(resumed["rank_buffers"], ckpt["rank_buffers"]):  # rank 1's queues too
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)

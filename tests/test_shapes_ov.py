@@ -3,14 +3,12 @@
 All tests build tiny worlds in tmp_path (a dozen images, a 1-layer CLIP, a few training steps).
 """
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 from shapes_ov import clip_pretrain, shapes, world  # noqa: E402
 

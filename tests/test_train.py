@@ -64,7 +64,7 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     save = lambda step: train.save_checkpoint(path, model, opt, sched, scaler, step, 1, cfg, None,  # noqa: E731
                                               [train.rng_state()])
     save(1)
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
 
     def crash(obj, f):  # torch.save dies half-way through the new file
         open(f, "wb").write(b"partial")
@@ -74,7 +74,7 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save(2)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 1  # the old checkpoint is intact
+    assert torch.load(path, weights_only=True)["step"] == 1  # the old checkpoint is intact
 
 
 def test_resume_config_check_lists_the_differing_keys():
@@ -116,8 +116,8 @@ def test_resume_continues_step_lr_data_and_weights(tiny_world, tmp_path):
     train.main(_run(tiny_world, tmp_path, "a", "train.max_steps=3"))
     train.main(_run(tiny_world, tmp_path, "b", "train.max_steps=2"))
     train.main(_run(tiny_world, tmp_path, "b", "train.max_steps=3"))
-    a = torch.load(tmp_path / "a" / "ckpt.pth", weights_only=False)
-    b = torch.load(tmp_path / "b" / "ckpt.pth", weights_only=False)
+    a = torch.load(tmp_path / "a" / "ckpt.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pth", weights_only=True)
     assert a["step"] == b["step"] == 3
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
