@@ -136,9 +136,13 @@ class FeatureAtlas:
     (B, C, 2 + max H_l, 1 + Σ (W_l + 1)); every level is framed by at least one zero pixel. A point
     in level-l pixel coordinates u (official grid_sample: align_corners=False, so
     ``u = x / stride_l − 0.5``) is clamped to [−1, W_l] before it is moved onto the canvas: beyond the
-    level's border the bilinear kernel then reads only the zero frame, which is exactly the official
-    per-level ``padding_mode='zeros'`` (values and gradients). Built once per forward and shared by
-    the query generator and all decoder stages.
+    level's border the bilinear kernel then reads only the zero frame. That alone is the official
+    per-level ``padding_mode='zeros'`` only up to round-off: the canvas coordinates are shared by all
+    levels, so a point outside a level still reads ~1e-5 of its border pixel, and the affine-free
+    LayerNorms of adaptive mixing blow that up to O(1) for a group whose points all fall outside.
+    ``sample`` therefore multiplies each level's sample by the official in-map decision (see there),
+    which makes value and gradient exactly 0 wherever the official per-level sampling is 0. Built
+    once per forward and shared by the query generator and all decoder stages.
     """
 
     def __init__(self, levels: list[torch.Tensor], strides: list[int]):
@@ -158,18 +162,30 @@ class FeatureAtlas:
         self.sizes = torch.tensor(sizes, dtype=torch.float32, device=dev)  # (L, 2) as (W_l, H_l)
         self.origins = torch.tensor(origins, dtype=torch.float32, device=dev)  # (L, 2) canvas (col, row)
         self.stride_t = torch.tensor(strides, dtype=torch.float32, device=dev)  # (L,)
+        self.extent = self.sizes * self.stride_t[:, None]  # (L, 2) official mapping_size W_l·s_l, H_l·s_l
 
     def sample(self, points: torch.Tensor) -> torch.Tensor:
         """Bilinear 3D sampling: (B, N, G, P, 3) points → (B, N, G, P, C/G) features.
 
         Group g reads channels [g·C/G, (g+1)·C/G) at its own points; each point is sampled on every
-        level and the levels are summed with ``level_weights(z)`` (official ``sampling_3d``).
+        level and the levels are summed with ``level_weights(z)`` (official ``sampling_3d``). A level
+        contributes exactly 0 (value and gradient) where the official per-level ``grid_sample``
+        reads no in-map pixel with a non-zero weight.
         """
         b, n, g, p, _ = points.shape
         num_levels = len(self.strides)
         c = self.canvas.shape[1] // g
         points = points.float()
         weights = level_weights(points[..., 2], self.strides)  # (B, N, G, P, L)
+        with torch.no_grad():
+            # The official decision, in each level's own normalised coordinates and with the same
+            # float32 operations: sampling_3d passes gx = 2·x/(W_l·s_l) − 1, grid_sample
+            # (align_corners=False) un-normalises it to ix = ((gx + 1)·W_l − 1)/2, and with zero
+            # padding some in-map pixel gets a non-zero bilinear weight iff −1 < ix < W_l (same in y).
+            gxy = points[..., None, :2] / self.extent * 2 - 1  # (B, N, G, P, L, 2)
+            ixy = ((gxy + 1) * self.sizes - 1) / 2
+            inside = ((ixy > -1) & (ixy < self.sizes)).all(dim=-1)  # (B, N, G, P, L)
+        weights = weights * inside  # × 1 leaves in-map levels bit-identical; × 0 kills value and gradient
         uv = points[..., None, :2] / self.stride_t[:, None] - 0.5  # (B, N, G, P, L, 2) level pixels
         uv = torch.minimum(uv.clamp(min=-1.0), self.sizes) + self.origins  # (B, N, G, P, L, 2) canvas px
         size = uv.new_tensor([self.canvas.shape[3] - 1, self.canvas.shape[2] - 1])

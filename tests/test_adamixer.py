@@ -6,7 +6,9 @@ no teacher files are needed.
 
 What is checked
 * 3D sampling: ``FeatureAtlas.sample`` (one grid_sample over all levels) equals the plain per-point
-  bilinear loop with the Gaussian level weights, values and gradients, points outside included.
+  bilinear loop with the Gaussian level weights, values and gradients, points outside included;
+  at COCO map sizes it is exactly 0 (value and gradient) outside every level, checked after the
+  LayerNorms of adaptive mixing, where a 1e-5 leak would become O(1).
 * A decoder stage at init leaves the boxes unchanged (zero-initialised regressor).
 * The IoF attention bias and the positional encoding equal their formulas written out by hand.
 * Two-step matching: no query is assigned twice, step A is the GT-only Hungarian matching, pseudo
@@ -81,6 +83,70 @@ def test_sampling_3d_equals_naive_loop():
     w = adamixer.level_weights(torch.tensor([3.0]), STRIDES)[0]
     e = [math.exp(-(3.0 - math.log2(s)) ** 2 / 2) for s in STRIDES]
     torch.testing.assert_close(w, torch.tensor([v / sum(e) for v in e]))
+
+
+def coco_levels(channels: int, seed: int) -> list[torch.Tensor]:
+    """P2-P5 of an 800×1333 image padded to 800×1344 (size divisor 32), strides 4-32."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, channels, 800 // s, 1344 // s, generator=g) for s in STRIDES]
+
+
+def border_points(groups: int, points: int, seed: int):
+    """(1, N, G, P, 3) points of 24 queries and the (N, G) mask of groups outside every level.
+
+    Queries 0-15 lie wholly outside every level (right, below, left, above: beyond x = W·s + s/2,
+    where even P5's bilinear kernel no longer reaches a pixel); queries 16-19 have group 0 outside
+    and the others inside; queries 20-23 are inside, near the right and bottom borders."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n, lo, hi):
+        return lo + (hi - lo) * torch.rand(n, groups, points, generator=g)
+
+    x = torch.cat([rand(4, 1361, 1460), rand(4, 0, 1344), rand(4, -120, -17), rand(4, 0, 1344),
+                   rand(8, 1200, 1344)])
+    y = torch.cat([rand(4, 0, 800), rand(4, 817, 900), rand(4, 0, 800), rand(4, -120, -17),
+                   rand(8, 700, 800)])
+    x[16:20, 0] += 300  # group 0 of queries 16-19 moves past the right border
+    z = rand(24, 1, 6)  # below P2 to above P5
+    outside = torch.zeros(24, groups, dtype=torch.bool)
+    outside[:16], outside[16:20, 0] = True, True
+    return torch.stack([x, y, z], dim=-1)[None], outside
+
+
+def test_sampling_is_exactly_zero_outside_the_maps_after_the_layernorms():
+    """Issue 23 item 1: at COCO map sizes a point outside every level reads exactly 0 (value and
+    gradient), as the official per-level grid_sample with zero padding does. A leak of ~1e-5 of a
+    border pixel would pass a 1e-5 check of the raw samples, so the comparison is made after the
+    two affine-free LayerNorms of adaptive mixing, which turn such a leak into O(1) outputs."""
+    d, groups, points = 32, 4, 4
+    levels = coco_levels(d, seed=0)
+    pts, outside = border_points(groups, points, seed=1)
+    torch.manual_seed(0)
+    mixing = adamixer.AdaptiveMixing(d, d // groups, groups, points, out_points=4)
+    query = torch.randn(1, 24, d, generator=torch.Generator().manual_seed(2))
+
+    atlas_levels = [x.clone().requires_grad_() for x in levels]
+    pts_fast, pts_slow = pts.clone().requires_grad_(), pts.clone().requires_grad_()
+    fast = adamixer.FeatureAtlas(atlas_levels, STRIDES).sample(pts_fast)
+    slow = adamixer.sample_3d_reference(levels, STRIDES, pts_slow)
+    assert torch.equal(fast[0, outside], torch.zeros_like(fast[0, outside]))  # exactly, not ~1e-5
+    # inside, float32 coordinates on a ~640 px wide canvas are good to ~4e-5 px: values to ~1e-4
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=2e-4)
+
+    out_fast, out_slow = mixing(fast, query), mixing(slow, query)  # (1, 24, D) after both LayerNorms
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-3, atol=1e-3)
+    upstream = torch.randn(out_fast.shape, generator=torch.Generator().manual_seed(3))
+    params = list(mixing.parameters())
+    grads_fast = torch.autograd.grad((out_fast * upstream).sum(), [pts_fast, *params], retain_graph=True)
+    grads_slow = torch.autograd.grad((out_slow * upstream).sum(), [pts_slow, *params])
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert not grads_fast[0][0, outside].any()  # no gradient reaches a point outside every level
+
+    # the maps get no gradient from points outside them (official: grid_sample's zero padding)
+    only_outside = (out_fast * upstream)[:, :16].sum()
+    level_grads = torch.autograd.grad(only_outside, atlas_levels)
+    assert all(not g.any() for g in level_grads)
 
 
 def test_stage_at_init_leaves_boxes_unchanged():
