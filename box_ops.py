@@ -1,6 +1,7 @@
 """Box formats of the AdaMixer decoder and the one overlap measure torchvision does not have.
 
-Formats (ARCHITECTURE.md: boxes are absolute pixels of the resized image unless the name says so)
+Formats (every box in the project is in absolute pixels of the resized image unless its name says
+otherwise)
 * ``xyxy``: (x1, y1, x2, y2).
 * ``xyzr``: AdaMixer's query position (METHOD §2.2-2.3): centre (x, y), scale z = log2(sqrt(w·h)) and
   aspect r = log2(h / w). Decoding: s = 2^z, w = s·2^(−r/2), h = s·2^(r/2).

@@ -1,4 +1,4 @@
-"""The ablation ladder (WORLD.md "What the world must show"; METHOD §9): which hierarchy buys what.
+"""The ablation ladder (shapes_ov/README.md §3; METHOD §9): which hierarchy buys what.
 
     python bench/ablation.py --config configs/shapes_ov_ladder.yaml [--seeds 3] [--rows oracle full]
                              [--jobs 2] [--threads 1] [--set key=value ...] [--out PREFIX]

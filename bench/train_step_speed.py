@@ -28,7 +28,7 @@ def make_batch(cfg, dim: int, device):
     images, targets = [], []
     for _ in range(cfg.train.batch_size):
         xy = torch.rand(8, 2, generator=g) * size * 0.6
-        wh = 16 + torch.rand(8, 2, generator=g) * 40  # object sides 16-56 px (WORLD.md)
+        wh = 16 + torch.rand(8, 2, generator=g) * 40  # object sides 16-56 px (shapes_ov/README.md §1.2)
         boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
         know = {"image_emb": F.normalize(torch.randn(dim, generator=g), dim=0),
                 "gt_emb": F.normalize(torch.randn(3, dim, generator=g), dim=1),

@@ -1,4 +1,4 @@
-"""Wing 2: Shapes-OV, the embedded open-vocabulary world (WORLD.md).
+"""Wing 2: Shapes-OV, the embedded open-vocabulary world (spec: shapes_ov/README.md).
 
 It exists only because COCO and OpenAI's CLIP weights cannot be downloaded here: a pocket-sized
 OV-COCO in COCO layout (12 base / 4 novel shapes, captions) and a small CLIP teacher pre-trained
