@@ -13,7 +13,7 @@ For a box (xyxy pixels of an image):
    (``box_token_mask``). Output ln_post(y) @ proj. ``mode="crop"`` is plain encode_image of the
    square instead.
 4. ``image_embeddings``: encode_image of the CLIP-preprocessed whole image (H3 teacher; OADP's
-   "globals"; METHOD 1.3 item 5).
+   "globals"; METHOD §1.3.5).
 Returned embeddings are float32 on CPU and L2-normalised (``encode_boxes_oake`` itself returns
 raw vectors). With a box covering the whole crop and u = 1, the object token equals encode_image
 of the crop (same keys up to order; tests/test_knowledge.py checks it to 1e-5).
