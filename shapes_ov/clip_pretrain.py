@@ -19,8 +19,8 @@
   prompt-ensembled class embeddings. Keys: zero_shot_acc_base, zero_shot_acc_novel,
   zero_shot_acc_all, per_class, num_crops, num_crops_base, num_crops_novel, crop_scale, templates.
 
-References: WORLD.md (the "Measured" teacher recipe); CLIP (Radford et al. 2021) for the model,
-the loss and the optimiser settings.
+References: shapes_ov/README.md §2 (the teacher recipe, measured in §2.2); CLIP (Radford et
+al. 2021) for the model, the loss and the optimiser settings.
 Deviations
 * Stream singles are crops of rendered scenes made with the evaluation's crop routine (random
   context scale and jitter), so neighbours' fragments appear in them as they do in val crops.
@@ -108,7 +108,7 @@ def render_stream(cfg):
 
 
 def check_templates(templates: list[str], names: list[str], captions: list[str]) -> None:
-    """The eval prompts must be phrasings the teacher never saw (WORLD.md): error otherwise."""
+    """The eval prompts must be phrasings the teacher never saw (shapes_ov/README.md §2.1)."""
     for t in templates:
         if "{}" not in t:
             raise ValueError(f"teacher.templates: '{t}' has no '{{}}' for the class name")
@@ -140,7 +140,7 @@ def contrastive_loss(image_emb, text_emb, keys, logit_scale):
 
     image_emb/text_emb: (B, D) L2-normalised pairs; keys: (B,) id of what each caption describes.
     A caption j != i with keys[j] == keys[i] truly describes image i too, so it is masked out of
-    i's negatives (WORLD.md); the mask is symmetric, so the same holds text-to-image.
+    i's negatives (shapes_ov/README.md §2.1); the mask is symmetric, so the same holds text-to-image.
     """
     logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
     eye = torch.eye(len(keys), dtype=torch.bool, device=keys.device)
@@ -197,7 +197,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # WORLD.md: wd on >= 2-D weights only
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # shapes_ov/README.md §2.2: wd on >= 2-D only
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": pre.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=pre.lr,

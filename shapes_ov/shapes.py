@@ -15,9 +15,9 @@
   index])``, so a parallel render (``parallel_map``) is byte-identical to a serial one.
 
 shapes_ov/world.py writes the dataset from these scenes; clip_pretrain.py renders its own stream of them.
-References: WORLD.md "The world" (shapes, ±15° rotation, one fill colour, clutter).
+References: shapes_ov/README.md §1 (shapes, ±15° rotation, one fill colour, clutter).
 Deviations
-* Objects never touch: besides box IoU <= world.max_pair_iou (WORLD.md), their pixels keep
+* Objects never touch: besides box IoU <= world.max_pair_iou (§1.2 there), their pixels keep
   world.min_gap px apart, because with one fill colour two touching shapes would merge into one.
 * Backgrounds and lines avoid the fill colours (world.background_contrast) for the same reason.
 """
@@ -78,7 +78,7 @@ def shape_polygons(name: str, rng: np.random.Generator) -> list[np.ndarray]:
         polys = [_regular(64, 0), 0.62 * _regular(64, 0)]
     elif name == "square":
         polys = [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)]
-    elif name == "rectangle":  # WORLD.md: wide, aspect ~0.5
+    elif name == "rectangle":  # shapes_ov/README.md §1.1: wide, aspect ~0.5
         polys = [np.array([[-1, -0.5], [1, -0.5], [1, 0.5], [-1, 0.5]], float)]
     elif name == "triangle":
         polys = [np.array([[0, -1], [1, 1], [-1, 1]], float)]
@@ -93,7 +93,7 @@ def shape_polygons(name: str, rng: np.random.Generator) -> list[np.ndarray]:
     elif name == "plus":
         polys = [np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1],
                            [-t, t], [-1, t], [-1, -t], [-t, -t]], float)]
-    elif name == "diamond":  # WORLD.md: a narrow rhombus
+    elif name == "diamond":  # shapes_ov/README.md §1.1: a narrow rhombus
         polys = [np.array([[0, -1], [0.55, 0], [0, 1], [-0.55, 0]], float)]
     elif name == "hexagon":
         polys = [_regular(6, 0)]

@@ -4,7 +4,7 @@ Run ``python -m shapes_ov --config config.yaml [--set key=value ...] [--force]``
 ``build_world(cfg)`` when ``cfg.data.dataset == "shapes_ov"``. Every step is skipped when its
 output exists (``--force`` rebuilds all of them):
 
-1. images + annotations + captions under ``data.root`` (WORLD.md "The world"):
+1. images + annotations + captions under ``data.root`` (shapes_ov/README.md §1):
    * ``train/``, ``val/``: PNG images ``000001.png`` ..., world.image_size square, RGB, ids 1..N.
    * ``annotations/instances_train.base.json``: every train image, base-category boxes only (novel
      objects are in the pixels but unannotated); ``annotations/instances_val.all.json``: all boxes;
@@ -42,7 +42,7 @@ byte-identical to an uninterrupted build (tests/test_reliability.py).
 
 Times and teacher accuracy of the default build: LOG.md (2026-11-30, "moved from world.py").
 
-References: WORLD.md (the world's spec); METHOD.md 8 for the OV-COCO file layout this mimics.
+References: shapes_ov/README.md (the world's spec); METHOD.md §8 for the OV-COCO file layout this mimics.
 
 Deviations: see shapes.py (object placement, background colours) and clip_pretrain.py (teacher
 stream and filler words).
