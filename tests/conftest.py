@@ -9,6 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    """Markers: ``cuda`` tests need a CUDA device and skip without one (tests/test_cuda.py;
+    bench/gpu_check.py runs ``pytest -m cuda tests/test_cuda.py`` on a GPU machine)."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
 def tiny_overrides(root: Path) -> list[str]:
     """``--set`` values for a world small enough for tests: 24 train / 8 val images, a teacher
     pre-trained for 3 steps and a proposal network for 5 (plumbing, not accuracy), and a narrow
