@@ -19,7 +19,7 @@ The dataclass defaults below are the paper's settings: the official Faster R-CNN
 config (``myfasterrcnn_r50_1x_coco.py``; METHOD.md 7-8.4), each with its source in the comment.
 Keys with no official value that still apply to COCO (``teacher.proposals``, worker counts, logging
 intervals) take the values chosen for COCO; keys that exist only for the embedded Shapes-OV world
-(sections ``world`` and ``clip_pretrain``) default to its values (WORLD.md). A YAML file lists only
+(sections ``world`` and ``clip_pretrain``) default to its values (shapes_ov/README.md). A YAML file lists only
 what differs from these defaults: ``config.yaml`` holds what the Shapes-OV world changes, each with
 a word on why; ``configs/*.yaml`` hold the other experiments. Measurements behind the chosen values
 are in LOG.md ("Config provenance"); ``tests/test_config.py`` checks that every shipped file lists
@@ -90,7 +90,7 @@ class DataConfig:
     train_ann: str = "annotations/instances_train2017.48.json"  # METHOD 8.2: base boxes only
     train_all_ann: str = "annotations/instances_train2017.65.json"  # METHOD 8.2: the boxes of
                                         # every class (data.py ov-coco writes it); read by the oracle
-    oracle: bool = False                # the ladder's upper bound (WORLD.md): train on
+    oracle: bool = False                # the ladder's upper bound (shapes_ov/README.md §3): train on
                                         # train_all_ann with every class's text in the training
                                         # classifier (novel boxes are positives of their class,
                                         # not background); no distillation; eval unchanged
@@ -113,18 +113,19 @@ class DataConfig:
 
 @dataclass
 class WorldConfig:
-    """The embedded Shapes-OV world (shapes_ov/world.py): exists only for it, so WORLD.md values."""
+    """The embedded Shapes-OV world (shapes_ov/world.py): exists only for it, so its spec's values
+    (shapes_ov/README.md §1; "spec" in the comments below)."""
     seed: int = 0                       # Shapes-OV generation seed (same seed -> same files)
-    num_train: int = 4000               # WORLD.md: 4000 train images
-    num_val: int = 500                  # WORLD.md: 500 val images
-    image_size: int = 128               # WORLD.md: 128x128 images
-    objects_per_image: list[int] = field(default_factory=lambda: [2, 5])  # WORLD.md: 2-5 objects
-    object_size: list[int] = field(default_factory=lambda: [16, 56])      # WORLD.md: sides 16-56 px
-    max_pair_iou: float = 0.3           # WORLD.md: pairwise IoU <= 0.3
-    max_rotation: float = 15.0          # WORLD.md: rotation at most +-15 degrees
-    stretch: list[float] = field(default_factory=lambda: [0.88, 1.12])    # WORLD.md: stretch range
-    fill_colors: list[str] = field(default_factory=lambda: ["white"])     # WORLD.md: one colour
-    captions_per_image: list[int] = field(default_factory=lambda: [1, 3])  # WORLD.md: 1-3 captions
+    num_train: int = 4000               # spec: 4000 train images
+    num_val: int = 500                  # spec: 500 val images
+    image_size: int = 128               # spec: 128x128 images
+    objects_per_image: list[int] = field(default_factory=lambda: [2, 5])  # spec: 2-5 objects
+    object_size: list[int] = field(default_factory=lambda: [16, 56])      # spec: sides 16-56 px
+    max_pair_iou: float = 0.3           # spec: pairwise IoU <= 0.3
+    max_rotation: float = 15.0          # spec: rotation at most +-15 degrees
+    stretch: list[float] = field(default_factory=lambda: [0.88, 1.12])    # spec: stretch range
+    fill_colors: list[str] = field(default_factory=lambda: ["white"])     # spec: one colour
+    captions_per_image: list[int] = field(default_factory=lambda: [1, 3])  # spec: 1-3 captions
     min_gap: int = 2                    # px between objects' pixels (one fill colour: touching
                                         # shapes would merge); chosen here
     placement_attempts: int = 50        # tries to place each object before giving up; chosen here
@@ -132,8 +133,8 @@ class WorldConfig:
                                         # colours; chosen here
     noise_std: list[float] = field(default_factory=lambda: [0.0, 10.0])  # background noise std
                                         # range (0-255 scale); chosen here
-    lines: list[int] = field(default_factory=lambda: [0, 2])  # WORLD.md: 0-2 thin background lines
-    # Realism knobs (issue 15; the defaults keep WORLD.md's world byte for byte). Measured effects:
+    lines: list[int] = field(default_factory=lambda: [0, 2])  # spec: 0-2 thin background lines
+    # Realism knobs (issue 15; the defaults keep the spec's world byte for byte). Measured effects:
     # README "The ablation ladder", LOG.md 2026-11-30 "Issue 15"; configs/shapes_ov_ladder.yaml.
     distractor_classes: list[str] = field(default_factory=list)  # shapes drawn like any other
                                         # but in no vocabulary: never annotated, named in captions
@@ -150,31 +151,32 @@ class WorldConfig:
 
 @dataclass
 class ClipPretrainConfig:
-    """The Shapes-OV teacher: a small clip.model.CLIP (shapes_ov/clip_pretrain.py; WORLD.md).
+    """The Shapes-OV teacher: a small clip.model.CLIP (shapes_ov/clip_pretrain.py; spec:
+    shapes_ov/README.md §2.2).
 
     Heads are not a key: clip.load infers them as width // 64, so widths must be multiples of 64.
     """
-    embed_dim: int = 128                # joint embedding width D (WORLD.md)
-    image_resolution: int = 64          # teacher input size in px (WORLD.md)
-    vision_layers: int = 4              # ViT depth (WORLD.md)
-    vision_width: int = 192             # ViT width -> 3 heads (WORLD.md)
-    vision_patch_size: int = 8          # 8x8 patches -> 8x8 token grid at 64 px (WORLD.md)
+    embed_dim: int = 128                # joint embedding width D (spec)
+    image_resolution: int = 64          # teacher input size in px (spec)
+    vision_layers: int = 4              # ViT depth (spec)
+    vision_width: int = 192             # ViT width -> 3 heads (spec)
+    vision_patch_size: int = 8          # 8x8 patches -> 8x8 token grid at 64 px (spec)
     context_length: int = 32            # text tokens (the longest caption fits; measured, LOG.md)
     vocab_size: int = 49408             # the clip BPE tokenizer's vocabulary
-    transformer_width: int = 128        # text tower width -> 2 heads (WORLD.md)
-    transformer_layers: int = 3         # text tower depth (WORLD.md)
-    lr: float = 5e-4                    # AdamW lr (WORLD.md)
-    weight_decay: float = 0.05          # only on >= 2-D weights (WORLD.md)
-    warmup_steps: int = 150             # linear warm-up, then cosine to max_steps (WORLD.md)
-    batch_size: int = 32                # pairs per step (WORLD.md: 64; 32 measured better, LOG.md)
-    single_fraction: float = 0.75       # single-object crops per batch, the rest scenes (WORLD.md)
+    transformer_width: int = 128        # text tower width -> 2 heads (spec)
+    transformer_layers: int = 3         # text tower depth (spec)
+    lr: float = 5e-4                    # AdamW lr (spec)
+    weight_decay: float = 0.05          # only on >= 2-D weights (spec)
+    warmup_steps: int = 150             # linear warm-up, then cosine to max_steps (spec)
+    batch_size: int = 32                # pairs per step (spec: 64; 32 measured better, LOG.md)
+    single_fraction: float = 0.75       # single-object crops per batch, the rest scenes (spec)
     novel_weight: float = 1.0           # draw weight of each novel class in the teacher's stream
                                         # vs 1 for the others (< 1: a teacher weaker on novel
                                         # shapes; issue 15 realism knob)
     max_steps: int = 1800               # the budget, in steps (~270 s on 2 quiet cores; LOG.md 11-30)
-    num_scenes: int = 6400              # stream scenes rendered, each also a sample (WORLD.md)
+    num_scenes: int = 6400              # stream scenes rendered, each also a sample (spec)
     crops_per_object: int = 1           # single-object crops per stream object (6400 scenes ->
-                                        # ~22k singles; WORLD.md: 20000)
+                                        # ~22k singles; spec: 20000)
     crop_scale: list[float] = field(default_factory=lambda: [1.25, 1.75])  # crop side / box side
                                         # of stream singles; chosen here around the eval's 1.5
     crop_jitter: float = 0.1            # random crop-centre shift / crop side; chosen here
@@ -182,7 +184,7 @@ class ClipPretrainConfig:
         "a {}", "the {}", "one {}", "a single {}", "a {} in the middle"])  # never the eval templates
     filler_prob: float = 0.5            # captions given 1-2 random unused words, so unseen template
                                         # words are ignored (measured, LOG.md)
-    amp: Precision = "auto"             # bf16 autocast where native (resolve_amp; WORLD.md)
+    amp: Precision = "auto"             # bf16 autocast where native (resolve_amp; spec)
     threads: int = 0                    # torch.set_num_threads (0 = torch's default: all cores)
     log_every: int = 50                 # steps between progress-bar loss updates
     ckpt_every: int = 300               # steps between resume points (teacher/pretrain_ckpt.pt):
