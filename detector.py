@@ -1,6 +1,6 @@
 """The student detector: Faster R-CNN from torchvision parts with an open-vocabulary box head.
 
-References: METHOD.md §1.1 (cosine classifier, learned background), §1.6 and §7 (the Faster R-CNN
+References: docs/METHOD.md §1.1 (cosine classifier, learned background), §1.6 and §7 (the Faster R-CNN
 variant); official files `configs/myovd/ov_coco/myfasterrcnn_r50_1x_coco.py`,
 `mmdet/models/roi_heads/standard_roi_head.py`, `bbox_heads/convfc_bbox_head.py`; torchvision's
 `FasterRCNN`, `RoIHeads` (whose sampling we rewrite here because it cannot carry pseudo boxes).
@@ -107,6 +107,8 @@ def build_backbone(name: str, weights_path: str, trainable_layers: int, returned
         body = getattr(resnet, name)(weights=None, norm_layer=FrozenStatsBatchNorm2d)
         body.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        if trainable_layers == 5:  # the whole network: the stem's BatchNorm too (as torchvision's helper)
+            layers_to_train.append("bn1")
         for pname, p in body.named_parameters():
             if not any(pname.startswith(layer) for layer in layers_to_train):
                 p.requires_grad_(False)

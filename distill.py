@@ -1,6 +1,6 @@
 """The three distillation hierarchies of HD-OVD as explicit loss functions, with their queues.
 
-References: METHOD.md §3 (H2 class-wise, text space), §4 (H1 instance-wise, visual space), §5 (H3
+References: docs/METHOD.md §3 (H2 class-wise, text space), §4 (H1 instance-wise, visual space), §5 (H3
 image-wise), §6 (weights); official `mmdet/models/losses/{kd_loss.py, close_world_loss.py}` and the
 distillation parts of `roi_heads/standard_roi_head.py` / `adamixer_decoder_prompt.py`.
 

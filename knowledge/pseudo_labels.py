@@ -14,7 +14,7 @@
   0.31, 0.026) were tuned for ViT-B/32 with DetPro prompts; ``calibrate_weight`` fits them for the
   teacher at hand (how: its docstring).
 
-References: METHOD.md 1.4 (official `proposal_clip_text_embedding` and the weight formula);
+References: docs/METHOD.md §1.4 (official `proposal_clip_text_embedding` and the weight formula);
 HD-OVD Fig. 3 "Caption & Parse Noun".
 Deviations: the official parser is unknown (NLTK/spaCy); a vocabulary match is used instead,
 so nouns outside the vocabulary are never pseudo labels.
