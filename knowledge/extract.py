@@ -44,7 +44,7 @@ The Shapes-OV settings and their measurements: LOG.md (2026-11-30, "moved from e
 
 Letters: R boxes, C classes, T templates, D embedding width.
 
-References: METHOD.md 1.2-1.4, 10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
+References: docs/METHOD.md §1.2-1.4, §10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
 prompt ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 Deviations:
 * Proposals come from a network trained here on base boxes (``proposals.py``; on COCO an

@@ -51,7 +51,7 @@ over every image; reading them in place costs no disk and keeps the released val
 copy. The price is three small branches on ``teacher.official_resources`` (data.build_dataset,
 hdovd.load_class_embeddings, extract.knowledge_is_built / build_knowledge), each one line to read.
 
-References: METHOD.md 1.2 (files, keys, shapes), 1.4 (the weight), 7 (size filter, cap), 10.1
+References: docs/METHOD.md §1.2 (files, keys, shapes), 1.4 (the weight), 7 (size filter, cap), 10.1
 (annotation order); official configs/myovd/ov_coco/myfasterrcnn_r50_1x_coco.py,
 mmdet/datasets/{custom.py (pkl alignment before _filter_imgs), coco.py (_parse_ann_info),
 pipelines/loading.py (LoadProposals)}, mmdet/models/roi_heads/standard_roi_head.py (forward_train:

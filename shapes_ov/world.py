@@ -42,7 +42,8 @@ byte-identical to an uninterrupted build (tests/test_reliability.py).
 
 Times and teacher accuracy of the default build: LOG.md (2026-11-30, "moved from world.py").
 
-References: shapes_ov/README.md (the world's spec); METHOD.md §8 for the OV-COCO file layout this mimics.
+References: shapes_ov/README.md (the world's spec); docs/METHOD.md §8 for the OV-COCO file
+layout this mimics.
 
 Deviations: see shapes.py (object placement, background colours) and clip_pretrain.py (teacher
 stream and filler words).
