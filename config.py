@@ -83,13 +83,13 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "coco"               # "coco" (data.py ov-coco builds the files) or "shapes_ov"
+    dataset: str = "coco"               # "coco" (tools/ov_coco.py builds the files) or "shapes_ov"
     root: str = "dataset/coco"          # dataset root; the paths below are relative to it
     train_images: str = "train2017"     # folder of training images (COCO 2017)
     val_images: str = "val2017"         # folder of validation images (COCO 2017)
     train_ann: str = "annotations/instances_train2017.48.json"  # METHOD 8.2: base boxes only
     train_all_ann: str = "annotations/instances_train2017.65.json"  # METHOD 8.2: the boxes of
-                                        # every class (data.py ov-coco writes it); read by the oracle
+                                        # every class (tools/ov_coco.py writes it); read by the oracle
     oracle: bool = False                # the ladder's upper bound (shapes_ov/README.md §3): train on
                                         # train_all_ann with every class's text in the training
                                         # classifier (novel boxes are positives of their class,

@@ -1,5 +1,4 @@
-"""COCO-format open-vocabulary detection data: dataset, joint transforms, offline CLIP knowledge, collate,
-and the OV-COCO (48 base / 17 novel) annotation builder.
+"""COCO-format open-vocabulary detection data: dataset, joint transforms, offline CLIP knowledge, collate.
 
 Shapes: R annotated boxes of an image, P pseudo boxes, n knowledge rows, D CLIP embedding width.
 
@@ -49,13 +48,9 @@ P = pseudo boxes, P may be 0; all embeddings L2-normalised):
 With ``official_resources`` (config ``teacher.official_resources``) the same dict is read from the
 official HD-OVD files instead, by knowledge/official.py (their layout and alignment: its docstring).
 
-Also here, because every step that makes data uses them: ``write_atomic`` (a file is the old one or
-the new one, never half) and ``progress_bar`` (tqdm on a terminal, one line per interval in a log,
-silent off rank 0).
+The OV-COCO annotation files themselves are built once by ``python -m tools.ov_coco`` (tools/ov_coco.py).
 
-OV-COCO builder: ``python data.py ov-coco --coco-root dataset/coco [--out-dir DIR] [--force]`` (METHOD 8.2).
-
-References: METHOD.md 8.1-8.2 and 10.1/10.7; official tools/get_ov_coco_annotations.py (split, builder)
+References: METHOD.md 8.1 and 10.1/10.7; official tools/get_ov_coco_annotations.py (the split)
 and mmdet 2.x CocoDataset / Resize(keep_ratio) / RandomFlip; DETR datasets/transforms.py (joint transforms).
 Deviations:
 * The CLIP embeddings in ``knowledge`` are those of the unflipped image even when the image is flipped
@@ -63,19 +58,12 @@ Deviations:
 * Boxes are clipped to the image before the degenerate test (mmdet tests the raw w, h).
 * ``skip_images_without_base`` keeps an image only if it has a usable (non-crowd, non-degenerate) base
   box; mmdet ``filter_empty_gt`` also keeps images whose only annotations are crowd.
-* The builder keeps the input's ``info``/``licenses`` entries (the official one writes only images,
-  categories and annotations), and does not write the unused ``instances_val2017.48.json``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import os
-import socket
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +71,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 import config
-from config import OV_COCO_BASE, OV_COCO_NOVEL  # the OV-COCO split (METHOD 8.1): (name, COCO id)
 from knowledge import official  # the official HD-OVD files (teacher.official_resources)
 
 
@@ -96,10 +82,10 @@ TEACHER_ADVICE = "re-run `python -m knowledge --config config.yaml` to (re)write
 BUILD_ADVICE = {
     "shapes_ov": "build it with `python -m shapes_ov --config config.yaml`",
     "coco": "download COCO 2017 images and annotations (cocodataset.org) into it and run "
-            "`python data.py ov-coco --coco-root {root}`",
+            "`python -m tools.ov_coco --coco-root {root}`",
 }
 REBUILD_ADVICE = ("restore it, or rebuild the dataset (Shapes-OV: `python -m shapes_ov --config "
-                  "config.yaml --force`; OV-COCO: the COCO download and `python data.py ov-coco "
+                  "config.yaml --force`; OV-COCO: the COCO download and `python -m tools.ov_coco "
                   "--coco-root <coco-root> --force`)")
 
 
@@ -108,16 +94,6 @@ class DataError(ValueError):
 
     A ValueError so that the CLIs' ``except (ConfigError, FileNotFoundError, ValueError)`` print it
     as one line instead of a traceback."""
-
-
-def error_line(e: BaseException) -> str:
-    """The message of ``e`` for a CLI's one-line error. An error raised inside a DataLoader worker
-    reaches the main process re-raised with the worker's whole traceback in its message; of that
-    the user needs the last line, the original error."""
-    text = str(e)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]  # "data.DataError: <message>"
-    return text
 
 
 def _missing(path: Path, what: str, dataset: str | None = None, root="<coco-root>") -> DataError:
@@ -484,190 +460,3 @@ def collate(batch):
     """[(image, target), ...] -> (list of images, list of targets); images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress of long steps (the world, the knowledge, evaluation): ``progress_bar`` returns a tqdm
-# to use exactly like one (iterate it, ``update``, ``set_postfix``, ``close``):
-# * on a terminal (stderr is a TTY): tqdm itself, unchanged;
-# * otherwise: ``LineProgress``, the same counters as whole lines on stderr ("desc: 40%| 240/600
-#   [01:10<01:45, 3.4it/s, loss=0.71]"), at most every ``PROGRESS_INTERVAL_S`` seconds plus the
-#   first and the last, because tqdm's carriage-return redraws become one unreadable line in a
-#   log file or CI (tqdm's own ``disable=None`` drops the progress entirely instead, and a CI log
-#   of a 15-minute step then shows nothing for 15 minutes);
-# * ``master=False``: disabled; ``master=None`` (the default) means "rank 0 or not distributed",
-#   read from torchrun's ``RANK`` variable, so every process of a torchrun job can call it.
-# ----------------------------------------------------------------------------------------------
-
-PROGRESS_INTERVAL_S = 30.0  # a line every 30 s: a 15-minute step writes ~30 lines; chosen here
-
-
-class LineProgress(tqdm):
-    """tqdm that prints a refresh as its own line, at most every ``mininterval`` seconds (tqdm's
-    own throttle does not cover ``set_postfix``), plus the first and the last count."""
-
-    printed_n, printed_t = None, 0.0  # count and time of the last line printed
-
-    def display(self, msg=None, pos=None, force: bool = False):
-        if msg == "":  # tqdm clearing a bar before close: nothing to clear in a log
-            return False
-        now = time.monotonic()
-        if not force and self.printed_n is not None and now - self.printed_t < self.mininterval:
-            return True
-        self.fp.write((msg or self.__str__()) + "\n")
-        self.fp.flush()
-        self.printed_n, self.printed_t = self.n, now
-        return True
-
-    def close(self):
-        if not self.disable and self.printed_n != self.n:
-            self.display(force=True)  # the final count, once
-        self.leave = False  # tqdm's own closing would add a blank line (leave) or a carriage return
-        super().close()
-
-
-def progress_bar(iterable=None, total=None, desc: str | None = None, master: bool | None = None,
-                 **kwargs) -> tqdm:
-    """A progress bar for a step longer than a few seconds (the section comment above)."""
-    if master is None:
-        master = os.environ.get("RANK", "0") == "0"
-    if not master:
-        return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, **kwargs)
-    kwargs.setdefault("mininterval", PROGRESS_INTERVAL_S)
-    kwargs.pop("dynamic_ncols", None)  # no terminal to size to
-    kwargs["ascii"] = True  # "#" bars: a log file may not be read as UTF-8
-    return LineProgress(iterable, total=total, desc=desc, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# OV-COCO annotation builder (METHOD 8.2; official tools/get_ov_coco_annotations.py)
-# ----------------------------------------------------------------------------------------------
-
-def remap_ov_coco(data: dict, source) -> dict:
-    """Keep the 65 OV-COCO categories with new ids 0..64 (METHOD 8.1 order), matched by name.
-
-    Images and annotation order are kept (the offline GT embeddings rely on it, METHOD 10.1); the
-    annotations of the 15 other categories are removed. ``source`` names the file in errors.
-    """
-    absent = [key for key in ("images", "annotations", "categories") if key not in data]
-    if absent:
-        raise DataError(f"'{source}' is not a COCO instances file: no {absent}")
-    names = [n for n, _ in OV_COCO_BASE + OV_COCO_NOVEL]
-    by_name = {c["name"]: c for c in data["categories"]}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(f"'{source}' lacks the OV-COCO categories {missing}; is it a COCO 2017 "
-                        f"instances file?")
-    old_to_new = {by_name[n]["id"]: new for new, n in enumerate(names)}
-    out = {key: value for key, value in data.items() if key not in ("categories", "annotations")}
-    out["categories"] = [dict(by_name[n], id=new) for new, n in enumerate(names)]
-    out["annotations"] = [dict(a, category_id=old_to_new[a["category_id"]])
-                          for a in data["annotations"] if a["category_id"] in old_to_new]
-    return out
-
-
-def write_atomic(path: str | Path, write) -> None:
-    """``write(tmp)`` into a temporary file, then rename it to ``path``.
-
-    Readers (and a kill at any moment) see the old file or the new one, never half of one:
-    os.replace is atomic on POSIX within a file system. The temporary file has the name of
-    ``path``, in a hidden folder ``.<host>.<pid>.tmp/`` beside it (per process, so shards never
-    collide, on one machine or several sharing a disk): formats that record the file's name
-    (torch.save names its archive folder after it) then give the same bytes on every run. Folders are created when missing; the temporary file is removed
-    when ``write`` fails. Used for every output: annotations, images, the teacher, knowledge files,
-    checkpoints, logs' configs, metrics and detections.
-    """
-    path = Path(path)
-    tmp_dir = path.parent / f".{socket.gethostname()}.{os.getpid()}.tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / path.name
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        with contextlib.suppress(OSError):  # empty unless this process is writing another file
-            tmp_dir.rmdir()
-
-
-def _all_annotations(data: dict) -> dict:
-    """Every image and every annotation of the 65 categories."""
-    return data
-
-
-def _base_annotations(data: dict) -> dict:
-    """Only annotations of base categories (new id < 48); every image stays (METHOD 8.2)."""
-    return dict(data, annotations=[a for a in data["annotations"] if a["category_id"] < len(OV_COCO_BASE)])
-
-
-def _images_with_annotations(data: dict) -> dict:
-    """Only images with >= 1 annotation of the 65 categories, crowd included (official ``_filter_imgs``)."""
-    keep = {a["image_id"] for a in data["annotations"]}
-    return dict(data, images=[im for im in data["images"] if im["id"] in keep])
-
-
-def build_ov_coco(coco_root, out_dir=None, force: bool = False) -> list[Path]:
-    """Write the OV-COCO files from the official COCO 2017 instances files; returns the written paths.
-
-    From ``<coco_root>/annotations/instances_{train,val}2017.json`` into ``out_dir`` (default: the same
-    annotations folder):
-      instances_train2017.65.json    all images, 65 categories (ids 0..64), their annotations
-      instances_train2017.48.json    all images, 65 categories, only base annotations (new id < 48)
-      instances_val2017.65.json      all images, 65 categories, their annotations
-      instances_val2017.65.min.json  only images with >= 1 annotation of the 65 (crowd included)
-    Existing outputs are skipped unless ``force``.
-    """
-    ann_dir = Path(coco_root) / "annotations"
-    out_dir = Path(out_dir) if out_dir is not None else ann_dir
-    written = []
-    for split in ("train2017", "val2017"):
-        outputs = {"65": _all_annotations, "48": _base_annotations} if split == "train2017" else \
-                  {"65": _all_annotations, "65.min": _images_with_annotations}
-        todo = {s: out_dir / f"instances_{split}.{s}.json" for s in outputs}
-        if not force:
-            for suffix, path in list(todo.items()):
-                if path.exists():
-                    print(f"{path} exists, skipping (use --force to rebuild)")
-                    del todo[suffix]
-        if not todo:
-            continue
-        src = ann_dir / f"instances_{split}.json"
-        if not src.is_file():
-            raise DataError(f"'{src}' not found; download the 2017 Train/Val annotations "
-                            f"(annotations_trainval2017.zip) from https://cocodataset.org/#download "
-                            f"and unzip it into '{Path(coco_root)}'")
-        try:
-            data = remap_ov_coco(json.loads(src.read_text()), src)
-        except json.JSONDecodeError as e:
-            raise DataError(f"'{src}' is not valid JSON: {e}") from None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for suffix, path in todo.items():
-            out = outputs[suffix](data)
-            # compact, as the official script
-            write_atomic(path, lambda tmp: tmp.write_text(json.dumps(out, separators=(",", ":"))))
-            print(f"wrote {path}: {len(out['images'])} images, {len(out['annotations'])} annotations")
-            written.append(path)
-    return written
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="hdovd data tools (see data.py's docstring)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ov-coco", help="write the OV-COCO 48/17 annotation files (METHOD 8.2)")
-    p.add_argument("--coco-root", required=True,
-                   help="COCO folder holding annotations/instances_{train,val}2017.json")
-    p.add_argument("--out-dir", default=None, help="output folder (default: <coco-root>/annotations)")
-    p.add_argument("--force", action="store_true", help="rebuild files that already exist")
-    args = parser.parse_args(argv)
-    try:
-        build_ov_coco(args.coco_root, args.out_dir, args.force)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

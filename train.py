@@ -1,87 +1,45 @@
 """Train an HD-OVD detector: one process per device, DDP under torchrun, evaluation at the end.
 
-Commands
---------
     python train.py --config config.yaml              # one process: the GPU if there is one, else CPU
-    python train.py --config config.yaml --set run.name=smoke train.max_steps=20 eval.max_images=16
-                                                      # CPU smoke run (a minute or two once prepared)
-    torchrun --standalone --nproc_per_node=1 train.py --config config.yaml   # 1 GPU under torchrun
     torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # 4 GPUs, NCCL
     torchrun --standalone --nproc_per_node=2 train.py --config config.yaml --set run.device=cpu
-                                                      # 2 CPU processes, gloo
+    python train.py --config config.yaml --set run.name=smoke train.max_steps=20 eval.max_images=16
     python train.py --config config.yaml --print-config   # every config key, resolved; then exit
 Any config works the same way (OV-COCO: the paper settings in configs/).
 
-Order (nanoGPT's, STYLE §4.6): config → torchrun env → DDP init (gloo on CPU, NCCL on CUDA) →
-seed + rank → missing preparation steps on rank 0 (``python -m shapes_ov`` for Shapes-OV, then
-``python -m knowledge``), the other ranks wait at a barrier → data → model → optimizer + schedule
-→ resume → loop → final evaluation + checkpoint.
+Order (nanoGPT's train.py): config → torchrun env → DDP init (gloo on CPU, NCCL on CUDA) → seed +
+rank → missing preparation on rank 0 (``python -m shapes_ov`` for Shapes-OV, then ``python -m
+knowledge``) while the other ranks wait at a barrier → data → model → optimizer + schedule →
+resume → loop → final evaluation + checkpoint. What the run writes (log.jsonl, ckpt.pth, exact
+resume): rundir.py. The model API: ``hdovd.build_hdovd(cfg, class_embeddings)``,
+``model(images, targets)`` → dict of unweighted ``loss_*`` (summed with ``hdovd.loss_weights``)
+and ``stat_*`` (logged only); evaluation through ``evaluate.evaluate_model``.
 
-Contract
---------
-* Writes ``<run.out_dir>/<run.name>/``: ``config.yaml`` (resolved), ``log.jsonl`` (one line per
-  ``train.log_every`` steps: ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled,
-  <loss_*>_scaled (times its weight), "total", <stat_*>, "grad_norm", "ms_per_step",
-  "images_per_s", "eta_s"}``, averages over the steps since the last line; losses are means over
-  the ranks, the rest rank 0's; one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
-  evaluation; and first one ``{"kind": "run", "step": 0, "device", "world_size", "precision":
-  config.precision_report}`` line, the autocast dtype each phase resolved to), ``ckpt.pth``, ``metrics.json`` (evaluate.py's metrics of the final model,
-  percent) and ``loss_curves.png`` (evaluate.plot_loss_curves of log.jsonl: each scaled loss and
-  the total against the step; a picture matplotlib fails to draw is a warning, not a failed run).
-  Only rank 0 writes files and shows progress. Every file is written atomically (a
-  kill never leaves half a file; log.jsonl is appended, and a torn last line is dropped on
-  resume). ``log.jsonl``'s ``ms_per_step``, ``images_per_s``, ``eta_s`` are measurements; every
-  other file and value is the same for the same config and seed (CPU, same thread count).
-* Checkpoint (STYLE §4.16; rank 0 only, written atomically via tmp file + os.replace):
-  ``{"model": unwrapped state_dict, "optimizer", "scheduler", "scaler" (float16 AMP only),
-  "step", "world_size", "config": config_to_dict(cfg), "metrics": last metrics or None,
-  "rng": [per-rank {"python", "numpy", "torch", "cuda"}], "rank_buffers": [per-rank model
-  buffers] under DDP (each rank's BatchNorm statistics, queues and EMA bank), else None}``.
-* Resume (``train.resume``, default on): a run directory with ``ckpt.pth`` (one file, always the
-  latest checkpoint) continues at its step with the same weights, buffers, LR, optimizer moments,
-  RNG states, data order (same sampler epoch, the batches already consumed in that epoch are
-  skipped) and augmentation (seeded per sample), for any ``data.num_workers``: a run killed at
-  any point and started again with the same command ends with the same weights and
-  ``metrics.json`` as one never interrupted (tests/test_reliability.py). Only
-  ``run.name/out_dir/device``, ``eval.*``, ``data.num_workers`` and the train-length keys
-  (``train.max_steps``, ``milestones``, ``log_every``, ``eval_every``, ``ckpt_every``,
-  ``resume``) may differ from the checkpoint's config; anything else is an error listing the keys.
-* The model API used (hdovd.py): ``build_hdovd(cfg)``, ``model(images, targets)`` → dict of
-  unweighted scalars ``loss_*`` (summed with ``loss_weights(cfg)``) and ``stat_*`` (logged only);
-  evaluation goes through ``evaluate.evaluate_model``.
-* The learning rate (``train.lr``) is for the global batch ``batch_size × world_size``; when you
-  change either, scale it linearly (Goyal et al. 2017, the rule the official configs follow).
-
-References: METHOD.md §8.4 (schedules: AdamW/SGD, linear warm-up 500 iters ratio 0.001, ×0.1 at
-epochs 8 and 11 of 12, grad clip 1.0 for AdaMixer); nanoGPT ``train.py`` (DDP via torchrun env
-vars, master_process, checkpoint dict); mmcv ``LrUpdaterHook`` (the warm-up formula).
+The learning rate (``train.lr``) is for the global batch ``batch_size × world_size``: when you
+change either, scale it linearly (Goyal et al. 2017, the rule the official configs follow).
+Schedule: docs/METHOD.md §8.4 (AdamW/SGD, linear warm-up 500 iters ratio 0.001, ×0.1 at epochs 8
+and 11 of 12, grad clip 1.0 for AdaMixer); the warm-up formula is mmcv's ``LrUpdaterHook``.
 
 Deviations
-----------
-* Steps, not epochs: milestones and warm-up are given in optimizer steps (mmdet counts decay in
-  epochs). Epochs only set the sampler's shuffling seed.
-* N processes and one process with the same global batch see the same images with the same flips
-  in every step, but their losses differ slightly: BatchNorm statistics, the RPN/RoI samplers'
-  random streams and the distillation queues are per process (official: SyncBN on GPUs; torch
-  has no SyncBN on CPU). tests/test_reliability.py measures the difference.
-* No aspect-ratio grouping (mmdet ``GroupSampler``; audit #55, efficiency only): a batch may mix
-  portrait and landscape images and pad to a near-square canvas (up to ~1.6x memory and compute
-  per step on COCO). One plain permutation keeps ``batches`` (exact resume, same images for N
-  processes and one) simple.
+* Steps, not epochs: milestones and warm-up are in optimizer steps (mmdet counts decay in epochs);
+  epochs only set the sampler's shuffling seed.
+* N processes and one with the same global batch see the same images with the same flips in every
+  step, but their losses differ slightly: BatchNorm statistics, the RPN/RoI samplers' random
+  streams and the distillation queues are per process (official: SyncBN on GPUs; torch has no
+  SyncBN on CPU). tests/test_reliability.py measures the difference.
+* No aspect-ratio grouping (mmdet ``GroupSampler``): a batch may mix portrait and landscape images
+  and pad to a near-square canvas (up to ~1.6x compute per step on COCO); one plain permutation
+  keeps ``batches`` simple (exact resume, the same images for N processes and one). The padding
+  changes features near an image's border a little (convolutions read it); AdaMixer's GroupNorm
+  over the padded map changes them everywhere (adamixer.py's header says what it does about it).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import random
-import shutil
 import sys
-import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -96,18 +54,13 @@ import config
 import data
 import evaluate
 import hdovd
+import rundir
 from knowledge import clip_io, extract
 from shapes_ov import world
 
 # torch 2.14 deprecates DDP's broadcast_buffers and, for rank-local buffers (our queues), advises
 # keeping it until its replacement exists: no need to say so once per rank.
 warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
-
-# Config keys a resumed run may change: where it runs, how it logs and evaluates, how long it
-# trains. (run.seed is not among them: it sets the data order.)
-RESUMABLE_KEYS = ("run.name", "run.out_dir", "run.device", "eval.", "data.num_workers",
-                  "train.max_steps", "train.milestones", "train.log_every", "train.eval_every",
-                  "train.ckpt_every", "train.resume")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,83 +112,6 @@ def build_optimizer(model: torch.nn.Module, cfg: config.Config) -> torch.optim.O
     raise config.ConfigError(f"train.optimizer={t.optimizer!r}: use 'adamw' or 'sgd'")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_config(saved: dict, current: dict, ckpt_path) -> None:
-    """Raise ConfigError listing every key (other than RESUMABLE_KEYS) that differs."""
-    a, b = _flatten(saved), _flatten(current)
-    differing = sorted(k for k in set(a) | set(b)
-                       if a.get(k, "<missing>") != b.get(k, "<missing>")
-                       and not k.startswith(RESUMABLE_KEYS))
-    if differing:
-        lines = [f"  {k}: checkpoint {a.get(k, '<missing>')!r} != now {b.get(k, '<missing>')!r}"
-                 for k in differing]
-        raise config.ConfigError(
-            f"cannot resume from '{ckpt_path}': the config differs in keys that change the "
-            "training itself:\n" + "\n".join(lines) + "\nUse another run.name for a new run, "
-            "or --set train.resume=false to start this one over.")
-
-
-def save_checkpoint(path: Path, raw_model, optimizer, scheduler, scaler, step: int,
-                    world_size: int, cfg: config.Config, metrics: dict | None, rng: list,
-                    rank_buffers: list | None = None) -> None:
-    """The checkpoint of the contract above, written atomically (data.write_atomic): a crash
-    never leaves a half-written ckpt.pth. A failed write (a full disk: torch.save raises a
-    RuntimeError, plain writes an OSError) becomes an OSError saying the previous file is intact."""
-    state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-             "step": step, "world_size": world_size, "config": config.config_to_dict(cfg),
-             "metrics": metrics, "rng": rng, "rank_buffers": rank_buffers}
-    try:
-        data.write_atomic(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as e:
-        free_mb = shutil.disk_usage(path.parent).free / 2**20
-        raise OSError(f"cannot write checkpoint '{path}' at step {step} ({e}; {free_mb:.0f} MB "
-                      f"free there). The previous checkpoint is intact: free disk space (or set "
-                      f"run.out_dir to another disk) and run the same command again, it resumes "
-                      f"from there") from None
-
-
-def load_checkpoint(path: Path, cfg: config.Config, raw_model, optimizer, scheduler, scaler,
-                    rank: int, world_size: int) -> tuple[int, dict | None]:
-    """Restore everything needed for the next step to be the one an uninterrupted run takes;
-    returns (step, metrics of the last evaluation or None)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors, plain types
-        saved_config = ckpt["config"]
-    except Exception as e:  # torch raises several types for damaged or foreign files
-        raise config.ConfigError(
-            f"cannot resume from '{path}': not a readable train.py checkpoint ({type(e).__name__}: "
-            f"{e}). Delete it (or --set train.resume=false) to start this run over, or use "
-            f"another run.name") from None
-    check_resume_config(saved_config, config.config_to_dict(cfg), path)
-    raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world_size:
-        set_rng_state(ckpt["rng"][rank])
-        if ckpt.get("rank_buffers"):  # DDP: this rank's own BatchNorm statistics, queues, bank
-            raw_model.load_state_dict(ckpt["rank_buffers"][rank], strict=False)
-    elif rank == 0:
-        print(f"train.py: checkpoint was written by {len(ckpt['rng'])} processes, now "
-              f"{world_size}: data order and random streams will not continue exactly")
-    if rank == 0:
-        print(f"train.py: resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt.get("metrics")
-
-
 def run_is_complete(step: int, metrics: dict | None, cfg: config.Config, run_dir: Path,
                     master: bool) -> bool:
     """Whether the checkpoint is trained to ``train.max_steps`` and evaluated there (the same
@@ -249,139 +125,7 @@ def run_is_complete(step: int, metrics: dict | None, cfg: config.Config, run_dir
     return True
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """This process's random states (python, numpy, torch CPU, and CUDA when present), as tensors
-    and plain types only, so that the checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _as_tuples(x):
-    """random.setstate wants the nested tuples random.getstate gave (a checkpoint may hold lists)."""
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_rank_states(ddp: bool, world_size: int, raw_model) -> tuple[list[dict], list | None]:
-    """(every rank's random states, every rank's model buffers or None with one process),
-    gathered (a collective: all ranks must call it). Under DDP each process keeps its own buffers
-    (broadcast_buffers=False: BatchNorm statistics, the distillation queues and EMA bank), and
-    "model" holds rank 0's only, so the checkpoint keeps all of them for an exact resume."""
-    if not ddp:
-        return [rng_state()], None
-    names = {n for n, _ in raw_model.named_buffers()}
-    buffers = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items() if k in names}
-    states = [None] * world_size
-    dist.all_gather_object(states, (rng_state(), buffers))
-    return [s[0] for s in states], [s[1] for s in states]
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Fail at the start, not after hours of preparation, when the run directory cannot be
-    written; remove the temporary files a killed run left there (data.write_atomic's)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".*.tmp"):
-            shutil.rmtree(stale)
-        data.write_atomic(run_dir / ".write_test", lambda tmp: tmp.write_text("ok"))
-        (run_dir / ".write_test").unlink()
-    except OSError as e:
-        raise config.ConfigError(f"run directory '{run_dir}' cannot be written ({e}); set "
-                                 f"run.out_dir to a writable folder (the run goes into "
-                                 f"<run.out_dir>/<run.name>)") from None
-
-
-def _parse(line: str) -> dict | None:
-    """One log.jsonl record, or None for a blank line or the torn last line of a killed run."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-class RunLog:
-    """The run directory's ``config.yaml`` and ``log.jsonl`` (rank 0 only; on other ranks a
-    RunLog writes nothing).
-
-    ``add(step, epoch, lr, values)`` collects one step's values; every ``log_every`` steps (and at
-    ``max_steps``) their window averages go out as one train line (and the tqdm bar moves), with ms per step measured
-    over the window minus ``pause()``d time (evaluation, checkpoints). ``write(record)`` writes any
-    other line (evaluations). Opened at a resumed ``step``, the lines a dead run logged after its last checkpoint
-    (steps that will now be redone) and a line it was killed while writing are dropped first.
-    """
-
-    def __init__(self, run_dir: Path, step: int, master: bool, cfg: config.Config, world_size: int):
-        self.file = None
-        self.log_every, self.max_steps = cfg.train.log_every, cfg.train.max_steps
-        self.images_per_step = cfg.train.batch_size * world_size
-        self.window, self.t0 = defaultdict(list), time.time()
-        self.bar = data.progress_bar(total=self.max_steps, initial=step, master=master, desc="train",
-                                     dynamic_ncols=True)  # plain lines when stderr is a log file
-        if not master:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # the resolved config, beside the log
-        data.write_atomic(run_dir / "config.yaml", lambda tmp: config.dump_config(cfg, tmp))
-        path = run_dir / "log.jsonl"
-        if step > 0 and path.is_file():
-            lines = path.read_text().splitlines()
-            kept = [l for l, r in zip(lines, map(_parse, lines)) if r is not None and r["step"] <= step]
-            data.write_atomic(path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in kept)))
-        self.file = open(path, "a" if step > 0 else "w")
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def add(self, step: int, epoch: int, lr: float, values: dict, device: torch.device) -> None:
-        for k, v in values.items():
-            self.window[k].append(v)
-        self.bar.update(1)
-        self.bar.set_postfix(total=f"{values['total']:.3f}", lr=f"{lr:.2e}")
-        if step % self.log_every and step != self.max_steps:
-            return
-        dt = (time.time() - self.t0) / len(self.window["total"])
-        record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr}
-        record.update({k: sum(v) / len(v) for k, v in sorted(self.window.items())})
-        record.update({"ms_per_step": 1000 * dt, "images_per_s": self.images_per_step / dt,
-                       "eta_s": dt * (self.max_steps - step)})
-        if device.type == "cuda":
-            record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        self.write(record)
-        self.window, self.t0 = defaultdict(list), time.time()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (evaluation, checkpoints) does not count as step time."""
-        start = time.time()
-        yield
-        self.t0 += time.time() - start
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
-
-
-def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: RunLog) -> dict:
+def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: rundir.RunLog) -> dict:
     """evaluate.py's metrics of ``model`` at ``step`` (sharded over ranks), logged on rank 0.
 
     Under DDP every rank first takes rank 0's BatchNorm statistics (mmdet DistEvalHook's
@@ -538,14 +282,14 @@ def main(argv=None) -> dict | None:
     master = rank == 0  # logs, writes files, checkpoints
     if master:
         print(f"train.py: {config.precision_line(cfg, device)}", flush=True)
-    seed_everything(cfg.run.seed + rank)
+    rundir.seed_everything(cfg.run.seed + rank)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_path = run_dir / "ckpt.pth"
 
     # --- Preparation once, on rank 0. COCO-sized extraction takes hours: run `python -m knowledge`
     # first (sharded), since the barrier below times out after 30 min (gloo) / 10 min (NCCL).
     if master:
-        check_run_dir(run_dir)  # now, not after the preparation
+        rundir.check_run_dir(run_dir)  # now, not after the preparation
         prepare(cfg)
     if ddp:
         dist.barrier()
@@ -554,7 +298,7 @@ def main(argv=None) -> dict | None:
     train_set = data.build_dataset(cfg, "train", knowledge=True)
     val_set = data.build_dataset(cfg, "val", knowledge=False)
     data.check_training_set(train_set, verbose=master)
-    raw_model = model = hdovd.build_hdovd(cfg).to(device)
+    raw_model = model = hdovd.build_hdovd(cfg, *clip_io.class_texts(cfg)).to(device)
     if ddp:
         # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
         # heads without gradient. broadcast_buffers=False (mmdet): each rank keeps its own queues.
@@ -570,17 +314,17 @@ def main(argv=None) -> dict | None:
     # --- Resume: model, optimizer, schedule, scaler, step, RNG (the data order follows the step).
     step, metrics = 0, None
     if cfg.train.resume and ckpt_path.is_file():
-        step, metrics = load_checkpoint(ckpt_path, cfg, raw_model, optimizer, scheduler, scaler,
-                                        rank, world_size)
+        step, metrics = rundir.load_checkpoint(ckpt_path, cfg, raw_model, optimizer, scheduler, scaler,
+                                               rank, world_size)
     if run_is_complete(step, metrics, cfg, run_dir, master):
         if ddp:
             dist.destroy_process_group()
         return metrics
-    log = RunLog(run_dir, step, master, cfg, world_size)
+    log = rundir.RunLog(run_dir, step, master, cfg, world_size)
     if step == 0:  # what "auto" became here (a resumed run keeps its first line: exact resume)
         log.write({"kind": "run", "step": 0, "device": str(device), "world_size": world_size,
                    "precision": config.precision_report(cfg, device)})
-    save = lambda at_step, states, m: master and save_checkpoint(  # noqa: E731
+    save = lambda at_step, states, m: master and rundir.save_checkpoint(  # noqa: E731
         ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, *states)
 
     # --- The loop: batch → forward → weighted sum → non-finite stop → backward → clip → step.
@@ -627,11 +371,11 @@ def main(argv=None) -> dict | None:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 metrics = run_evaluation(model, val_set, device, cfg, step, log)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
-                save(step, all_rank_states(ddp, world_size, raw_model), metrics)
+                save(step, rundir.all_rank_states(ddp, world_size, raw_model), metrics)
 
     # --- End: checkpoint first (a crash in evaluation keeps the weights), then evaluate. RNG states
     # and rank buffers are taken before evaluation changes any: a longer resumed run continues exactly.
-    states = all_rank_states(ddp, world_size, raw_model)
+    states = rundir.all_rank_states(ddp, world_size, raw_model)
     save(step, states, metrics)
     metrics = run_evaluation(model, val_set, device, cfg, step, log)
     save(step, states, metrics)
@@ -651,7 +395,7 @@ def cli(argv=None) -> dict | None:
     except (config.ConfigError, data.DataError, clip_io.TeacherError, OSError, ValueError) as e:
         for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line first
             bar.close()
-        sys.exit(f"train.py: error: {data.error_line(e)}")
+        sys.exit(f"train.py: error: {rundir.error_line(e)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
   saves the Shapes-OV teacher as a state dict). ViT image towers only (OAKE needs the tokens).
 * ``load_templates(cfg)`` -> the prompt templates (teacher.templates or teacher.templates_file).
 * ``text_embeddings(model, names, templates)`` -> FloatTensor[C, D] on CPU, L2-normalised.
+* ``class_texts(cfg)`` -> (embeddings FloatTensor[C, D], objectness FloatTensor[D]): the class
+  texts the detector classifies with, read back from extract.py's ``class_embeddings.pt`` (or the
+  official DetPro files with ``teacher.official_resources``); what train.py passes to build_hdovd.
 * ``TeacherError``: a teacher input is missing or invalid (the message says what to do).
 
 Used by knowledge/extract.py (class and caption-noun texts), shapes_ov/world.py (the teacher's zero-shot check) and
@@ -20,6 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import config
+from knowledge import official
 
 with warnings.catch_warnings():  # clip imports the deprecated pkg_resources (harmless)
     warnings.simplefilter("ignore", UserWarning)
@@ -127,3 +133,28 @@ def text_embeddings(model, names: list[str], templates: list[str], batch_size: i
         out.append(F.normalize(model.encode_text(chunk.to(model_device(model))).float(), dim=-1))
     emb = torch.cat(out).view(len(names), len(templates), -1).mean(1)  # (C, T, D) -> (C, D)
     return F.normalize(emb, dim=-1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The class texts, read back (the model layer gets them as tensors and reads no file)
+# ----------------------------------------------------------------------------------------------
+
+def class_texts(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [C, D], objectness [D]), float32 and L2-normalised: the configured classes in
+    order and the "whole entity" text of AdaMixer's query generator (docs/METHOD.md §1.2).
+
+    Read from knowledge/extract.py's ``class_embeddings.pt`` and checked against the configured
+    classes; with ``teacher.official_resources``, from the official DetPro files (never a copy)."""
+    if cfg.teacher.official_resources:
+        saved = official.load_class_embeddings(cfg.teacher.official_resources, config.class_names(cfg))
+    else:
+        path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
+                                    f"`python -m knowledge --config <your config>`")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        names = config.class_names(cfg)
+        if list(saved["class_names"]) != names:
+            raise ValueError(f"{path} lists classes {saved['class_names']} but the config has "
+                             f"{names}; re-run `python -m knowledge --config <your config>`")
+    return saved["embeddings"].float(), saved["objectness"].float()

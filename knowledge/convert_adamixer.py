@@ -74,7 +74,7 @@ from pathlib import Path
 import torch
 
 import config as config_lib
-import data
+import rundir
 import hdovd
 from knowledge import official
 
@@ -290,7 +290,7 @@ def convert_checkpoint(official_path, cfg, resources, out_path, allow_pickle: bo
             "converted_from": {"file": str(official_path), "tensors": len(state),
                                **{k: meta.get(k) for k in ("epoch", "iter", "mmdet_version")},
                                "not_in_official": NOT_IN_OFFICIAL}}
-    data.write_atomic(Path(out_path), lambda tmp: torch.save(ckpt, tmp))
+    rundir.write_atomic(Path(out_path), lambda tmp: torch.save(ckpt, tmp))
     return ckpt
 
 

@@ -79,6 +79,7 @@ from torchvision.ops import box_iou
 
 import config as config_lib
 import data
+import rundir
 from knowledge import official, proposals as proposals_lib
 from detector import batch_images
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
@@ -109,13 +110,13 @@ def knowledge_is_built(cfg) -> bool:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    """JSON (indented) for ``.json`` paths, torch.save otherwise; atomic (data.write_atomic). A
+    """JSON (indented) for ``.json`` paths, torch.save otherwise; atomic (rundir.write_atomic). A
     failed write (a full disk: torch.save raises a RuntimeError) becomes a TeacherError."""
     try:
         if path.suffix == ".json":
-            data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+            rundir.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
         else:
-            data.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+            rundir.write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:
         raise TeacherError(f"cannot write '{path}' ({e}); free disk space and run the same command "
                            f"again: the files already written are kept") from None
@@ -257,7 +258,7 @@ def run_proposals(net, cfg, split: str, batches: list[list[int]], device) -> dic
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          num_workers=cfg.data.num_workers, collate_fn=data.collate)
     out = {}
-    for images, targets in data.progress_bar(loader, desc=f"proposals {split}", leave=False):
+    for images, targets in rundir.progress_bar(loader, desc=f"proposals {split}", leave=False):
         padded = batch_images(images)
         batch, sizes = padded.tensors, padded.image_sizes
         ratios = [(tg["size"] / tg["orig_size"]).flip(0).repeat(2) for tg in targets]  # (w,h,w,h)

@@ -48,6 +48,7 @@ from PIL import Image
 
 import config
 import data
+import rundir
 from knowledge.clip_io import model_device
 
 
@@ -269,7 +270,7 @@ def embed_images_and_boxes(model, preprocess, tcfg, image_dir, infos, boxes, num
                        token_grid(model, t.upsample))
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.image_batch_size,
                                          num_workers=num_workers, collate_fn=_as_list)
-    bar = data.progress_bar(total=len(dataset), desc=desc, unit="img", master=None if desc else False)
+    bar = rundir.progress_bar(total=len(dataset), desc=desc, unit="img", master=None if desc else False)
     for items in loader:
         crops = torch.cat([it["crops"] for it in items])   # (sum R_i, 3, S, S)
         masks = torch.cat([it["masks"] for it in items])   # (sum R_i, g*g)

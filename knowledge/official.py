@@ -5,7 +5,7 @@ README "Data Preparation"; https://huggingface.co/fushh7/HD-OVD). ``teacher.offi
 points at it, and then:
 * data.py reads each training image's knowledge straight from the official files
   (``OfficialKnowledge``), in the ``target["knowledge"]`` contract of its docstring;
-* hdovd.py takes the class text embeddings from the DetPro file (``load_class_embeddings``);
+* clip_io.class_texts takes the class text embeddings from the DetPro file (``load_class_embeddings``);
 * knowledge/extract.py has nothing to extract: ``python -m knowledge`` only checks the files, and
   train.py's preparation step passes (``extract.knowledge_is_built`` is true). No CLIP is loaded
   and no ``class_embeddings.pt`` is written, so nothing can shadow or overwrite the DetPro vectors.
@@ -49,7 +49,7 @@ files are the bulk of the resources (~118k files of (1 + n_gt + 2 n_i) x 512 val
 converter would store them a second time in another layout (gigabytes) and add a conversion pass
 over every image; reading them in place costs no disk and keeps the released values the only
 copy. The price is three small branches on ``teacher.official_resources`` (data.build_dataset,
-hdovd.load_class_embeddings, extract.knowledge_is_built / build_knowledge), each one line to read.
+knowledge.clip_io.class_texts, extract.knowledge_is_built / build_knowledge), each one line to read.
 
 References: docs/METHOD.md §1.2 (files, keys, shapes), 1.4 (the weight), 7 (size filter, cap), 10.1
 (annotation order); official configs/myovd/ov_coco/myfasterrcnn_r50_1x_coco.py,
@@ -93,7 +93,7 @@ DOWNLOAD = ("download ovd_resources/ from https://huggingface.co/fushh7/HD-OVD (
             "'Data Preparation') and point teacher.official_resources at that folder")
 ANNOTATIONS = ("the files belong to instances_train2017.48.json as the official "
                "tools/get_ov_coco_annotations.py writes it from COCO 2017 instances_train2017.json "
-               "(`python data.py ov-coco --coco-root <coco> --force` writes the same file)")
+               "(`python -m tools.ov_coco --coco-root <coco> --force` writes the same file)")
 
 
 class OfficialResourcesError(ValueError):

@@ -76,6 +76,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import config
 import data
+import rundir
 from detector import batch_images, build_backbone
 from knowledge.official import read_proposal_pkl
 
@@ -225,7 +226,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
     schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
     use_amp = config.resolve_amp(pcfg.amp, device)  # "auto": bf16 only where native
     start, step, smooth = time.time(), 0, None
-    bar = data.progress_bar(total=pcfg.max_steps, desc="proposal net", leave=False)
+    bar = rundir.progress_bar(total=pcfg.max_steps, desc="proposal net", leave=False)
     while True:
         for images, targets in loader:
             if step >= pcfg.max_steps:

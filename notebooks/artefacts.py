@@ -49,7 +49,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 os.chdir(REPO)
 
 import config  # noqa: E402  (needs the repository root on sys.path)
-import data  # noqa: E402
+import rundir  # noqa: E402
 import evaluate  # noqa: E402
 
 BASELINE = ["distill.instance=false", "distill.class_wise=false", "distill.image=false"]  # README
@@ -204,7 +204,7 @@ def tiny_artefacts(runs: dict = RUNS, log=print) -> Artefacts:
                 shutil.rmtree(_run_dir(wanted[label]), ignore_errors=True)
         fingerprint.parent.mkdir(parents=True, exist_ok=True)
         # atomic: a kill never leaves half a fingerprint; an interrupted build resumes (train.py)
-        data.write_atomic(fingerprint, lambda tmp: tmp.write_text(json.dumps({**built, **wanted})))
+        rundir.write_atomic(fingerprint, lambda tmp: tmp.write_text(json.dumps({**built, **wanted})))
         for label, (file, o) in overrides.items():
             cfg = _config(o, file)
             if _finished(cfg) and _run_loads(cfg):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import config as config_lib
-import data
+import rundir
 from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
 from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
@@ -224,7 +224,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
             schedule.load_state_dict(state["schedule"])
             gen.set_state(state["generator"])
             losses, first = state["losses"], state["step"] + 1
-    bar = data.progress_bar(desc="pre-train teacher", total=pre.max_steps, initial=first - 1,
+    bar = rundir.progress_bar(desc="pre-train teacher", total=pre.max_steps, initial=first - 1,
                             leave=False)
     for step in range(first, pre.max_steps + 1):
         lr = schedule.get_last_lr()[0]
@@ -264,7 +264,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
             state = {"key": key, "step": step, "model": model.state_dict(),
                      "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
                      "generator": gen.get_state(), "losses": losses}
-            data.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+            rundir.write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
     bar.close()
     seconds = time.time() - start
     stats = {"train_steps": pre.max_steps,
@@ -279,10 +279,10 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
 
 def save_clip(model, path: str | Path) -> None:
     """Save as OpenAI does: a plain state dict with the weights clip.model.convert_weights makes
-    fp16, so clip.load(path, jit=False) rebuilds exactly this model. Atomic (data.write_atomic)."""
+    fp16, so clip.load(path, jit=False) rebuilds exactly this model. Atomic (rundir.write_atomic)."""
     half = copy.deepcopy(model).cpu().float()
     clip.model.convert_weights(half)
-    data.write_atomic(path, lambda tmp: torch.save(half.state_dict(), tmp))
+    rundir.write_atomic(path, lambda tmp: torch.save(half.state_dict(), tmp))
 
 
 def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> dict:
@@ -305,7 +305,7 @@ def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> d
         preds.append((emb @ text.t()).argmax(1).cpu())  # cosine up to a positive factor
         batch.clear()
 
-    for a in data.progress_bar(anns, desc="teacher eval", leave=False):
+    for a in rundir.progress_bar(anns, desc="teacher eval", leave=False):
         if a["image_id"] != image_id:
             image_id = a["image_id"]
             image = Image.open(Path(val_images) / files[image_id]).convert("RGB")

@@ -29,7 +29,7 @@ import multiprocessing
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-import data  # progress_bar only
+import rundir
 
 SUPERSAMPLE = 4  # anti-aliasing: shapes are drawn at 4x and box-filtered down (chosen here)
 SPLITS = {"train": 0, "val": 1, "stream": 2}  # seed namespaces: stream scenes never equal val ones
@@ -38,9 +38,9 @@ SPLITS = {"train": 0, "val": 1, "stream": 2}  # seed namespaces: stream scenes n
 def parallel_map(fn, jobs, workers: int, desc: str):
     """Map ``fn`` over ``jobs`` with a process pool and a progress bar; results in job order."""
     if workers <= 1:
-        return [fn(j) for j in data.progress_bar(jobs, desc=desc, leave=False)]
+        return [fn(j) for j in rundir.progress_bar(jobs, desc=desc, leave=False)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(data.progress_bar(pool.imap(fn, jobs, chunksize=16), total=len(jobs),
+        return list(rundir.progress_bar(pool.imap(fn, jobs, chunksize=16), total=len(jobs),
                                       desc=desc, leave=False))
 
 

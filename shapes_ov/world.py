@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 import config as config_lib
-import data
+import rundir
 from shapes_ov import clip_pretrain
 from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
                               parallel_map, render_scene, shape_polygons)
@@ -73,7 +73,7 @@ def _render_image_job(job):
     world, names, probs, split, index, folder = job
     rng = np.random.default_rng([world.seed, SPLITS[split], index])
     image, objects = render_scene(rng, world, names, probs)
-    data.write_atomic(Path(folder) / f"{index:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
+    rundir.write_atomic(Path(folder) / f"{index:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
     captions = (make_captions(objects, drawable_classes(world, names), world, rng, noisy=True)
                 if split == "train" else [])
     return index, objects, captions
@@ -82,7 +82,7 @@ def _render_image_job(job):
 def _write_json(path: Path, obj) -> None:
     """Atomic, deterministic JSON (sorted keys, fixed separators)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    data.write_atomic(path, lambda tmp: tmp.write_text(text))
+    rundir.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 REALISM_KNOBS = ("distractor_classes", "novel_weight", "caption_coverage", "caption_wrong_noun",

@@ -29,7 +29,7 @@ Cases (the test that covers each):
   NaN in a loss: stops, keeps the last good checkpoint
                                                    test_nan_loss_keeps_the_last_good_checkpoint
 Also elsewhere, at the function level: a Shapes-OV root built from another world config
-(test_shapes_ov.py), missing COCO source files for ``data.py ov-coco`` (test_data.py), a
+(test_shapes_ov.py), missing COCO source files for ``tools/ov_coco.py`` (test_data.py), a
 checkpoint that is not a train.py one (test_evaluate.py).
 """
 import json

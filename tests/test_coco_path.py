@@ -1,7 +1,7 @@
 """The OV-COCO path cannot rot: configs/ov_coco_faster_rcnn_r50.yaml runs two training steps.
 
 A tiny COCO-layout directory is made here (official category ids and names, 2017 file names),
-turned into the OV-COCO 48/17 files by ``data.build_ov_coco``, given a small CLIP in OpenAI's
+turned into the OV-COCO 48/17 files by ``ov_coco.build_ov_coco``, given a small CLIP in OpenAI's
 state-dict format (clip.load reads it like ViT-B/32) and a torchvision-format ResNet-50 state dict.
 Then knowledge/extract.py extracts knowledge with the COCO settings (OAKE with √(8wh) context and 2×
 upsampling, the ImageNet templates, the COCO noun vocabulary) and train.py runs two steps with the
@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 import config
 import data
+from tools import ov_coco
 from knowledge import extract
 import train
 from shapes_ov import clip_pretrain
@@ -29,7 +30,7 @@ COCO_CONFIG = REPO / "configs" / "ov_coco_faster_rcnn_r50.yaml"
 def make_tiny_coco(root, num_train=4, num_val=2, size=(160, 120)):
     """COCO-layout directory: train2017/, val2017/, instances_*2017.json, captions_train2017.json."""
     rng = random.Random(0)
-    cats = data.OV_COCO_BASE + data.OV_COCO_NOVEL + [("traffic light", 10)]  # one not in the 65
+    cats = config.OV_COCO_BASE + config.OV_COCO_NOVEL + [("traffic light", 10)]  # one not in the 65
     categories = [{"id": cid, "name": name, "supercategory": "thing"} for name, cid in cats]
     for split, n in (("train2017", num_train), ("val2017", num_val)):
         (root / split).mkdir(parents=True)
@@ -62,7 +63,7 @@ def make_tiny_coco(root, num_train=4, num_val=2, size=(160, 120)):
 def tiny_coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     make_tiny_coco(root)
-    data.build_ov_coco(root)
+    ov_coco.build_ov_coco(root)
     # A small CLIP (ViT tower, as ViT-B/32) and ResNet-50 weights, in the official file formats.
     pre = config.ClipPretrainConfig(vision_layers=2, transformer_layers=1, embed_dim=64)
     torch.manual_seed(0)

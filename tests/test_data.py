@@ -1,7 +1,6 @@
 """Behavioural tests of data.py on tiny COCO-format data written to tmp_path (CPU only, a few seconds)."""
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data  # noqa: E402
-from config import load_config  # noqa: E402
+import config
+import data
+from tools import ov_coco
+from config import load_config
 
 # File categories in an order and with ids unlike the config's, plus one outside the vocabulary.
 FILE_CATEGORIES = [{"id": 7, "name": "ring"}, {"id": 3, "name": "circle"}, {"id": 20, "name": "blob"},
@@ -219,7 +220,7 @@ def test_missing_root_says_which_command_builds_it(tmp_path):
     with pytest.raises(data.DataError, match=r"absent.*python -m shapes_ov --config config\.yaml"):
         data.build_dataset(cfg, "train")
     cfg = load_config(None, [f"data.root={tmp_path / 'coco'}", "data.dataset=coco"])
-    with pytest.raises(data.DataError, match=r"coco.*python data\.py ov-coco --coco-root"):
+    with pytest.raises(data.DataError, match=r"coco.*python -m tools\.ov_coco --coco-root"):
         data.build_dataset(cfg, "val")
     (tmp_path / "absent").mkdir()
     cfg = load_config(None, [f"data.root={tmp_path / 'absent'}", "data.dataset=shapes_ov"])
@@ -251,17 +252,17 @@ def test_build_dataset_and_collate(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_ov_coco_split_table():
-    assert len(data.OV_COCO_BASE) == 48 and len(data.OV_COCO_NOVEL) == 17
-    names = [n for n, _ in data.OV_COCO_BASE + data.OV_COCO_NOVEL]
-    ids = [i for _, i in data.OV_COCO_BASE + data.OV_COCO_NOVEL]
+    assert len(config.OV_COCO_BASE) == 48 and len(config.OV_COCO_NOVEL) == 17
+    names = [n for n, _ in config.OV_COCO_BASE + config.OV_COCO_NOVEL]
+    ids = [i for _, i in config.OV_COCO_BASE + config.OV_COCO_NOVEL]
     assert len(set(names)) == 65 and len(set(ids)) == 65 and all(1 <= i <= 90 for i in ids)
-    assert data.OV_COCO_BASE[0] == ("person", 1) and data.OV_COCO_BASE[-1] == ("toothbrush", 90)
-    assert data.OV_COCO_NOVEL[0] == ("airplane", 5) and data.OV_COCO_NOVEL[-1] == ("scissors", 87)
+    assert config.OV_COCO_BASE[0] == ("person", 1) and config.OV_COCO_BASE[-1] == ("toothbrush", 90)
+    assert config.OV_COCO_NOVEL[0] == ("airplane", 5) and config.OV_COCO_NOVEL[-1] == ("scissors", 87)
 
 
 def _fake_coco(split: str) -> dict:
     """A COCO-2017-like instances file: all 65 OV categories + 2 of the dropped 15, shuffled order."""
-    cats = [{"id": i, "name": n, "supercategory": "x"} for n, i in data.OV_COCO_BASE + data.OV_COCO_NOVEL]
+    cats = [{"id": i, "name": n, "supercategory": "x"} for n, i in config.OV_COCO_BASE + config.OV_COCO_NOVEL]
     cats += [{"id": 10, "name": "traffic light", "supercategory": "x"},
              {"id": 89, "name": "hair drier", "supercategory": "x"}]
     random.Random(0).shuffle(cats)
@@ -284,16 +285,16 @@ def _fake_coco(split: str) -> dict:
 def test_ov_coco_builder(tmp_path, capsys):
     root = tmp_path / "coco"
     with pytest.raises(SystemExit, match=r"instances_train2017\.json.*cocodataset\.org"):
-        data.main(["ov-coco", "--coco-root", str(root)])
+        ov_coco.main(["--coco-root", str(root)])
     (root / "annotations").mkdir(parents=True)
     for split in ("train2017", "val2017"):
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(_fake_coco(split)))
-    data.main(["ov-coco", "--coco-root", str(root)])
+    ov_coco.main(["--coco-root", str(root)])
     read = lambda name: json.loads((root / "annotations" / name).read_text())
 
     t65, t48 = read("instances_train2017.65.json"), read("instances_train2017.48.json")
     v65, vmin = read("instances_val2017.65.json"), read("instances_val2017.65.min.json")
-    expected_cats = [n for n, _ in data.OV_COCO_BASE + data.OV_COCO_NOVEL]
+    expected_cats = [n for n, _ in config.OV_COCO_BASE + config.OV_COCO_NOVEL]
     for d in (t65, t48, v65, vmin):
         assert [(c["id"], c["name"]) for c in d["categories"]] == list(enumerate(expected_cats))
     # annotation order kept, dropped classes removed, ids remapped (person 0, toothbrush 47, airplane 48,
@@ -311,11 +312,11 @@ def test_ov_coco_builder(tmp_path, capsys):
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(
         dict(_fake_coco("val2017"), images=[])))
     capsys.readouterr()
-    data.main(["ov-coco", "--coco-root", str(root)])
+    ov_coco.main(["--coco-root", str(root)])
     assert "skipping" in capsys.readouterr().out and read("instances_val2017.65.min.json") == vmin
     out_dir = tmp_path / "out"
-    assert len(data.build_ov_coco(root, out_dir)) == 4  # a fresh --out-dir writes all four
-    data.main(["ov-coco", "--coco-root", str(root), "--force"])
+    assert len(ov_coco.build_ov_coco(root, out_dir)) == 4  # a fresh --out-dir writes all four
+    ov_coco.main(["--coco-root", str(root), "--force"])
     assert read("instances_val2017.65.min.json")["images"] == []
     assert not list((root / "annotations").glob("*.tmp"))
 
@@ -324,7 +325,7 @@ def test_ov_coco_builder_needs_the_65_categories(tmp_path):
     bad = _fake_coco("train2017")
     bad["categories"] = [c for c in bad["categories"] if c["name"] not in ("cat", "person")]
     with pytest.raises(data.DataError, match=r"src\.json.*\['person', 'cat'\]"):
-        data.remap_ov_coco(bad, tmp_path / "src.json")
+        ov_coco.remap_ov_coco(bad, tmp_path / "src.json")
 
 
 def test_ov_coco_output_loads_as_dataset(tmp_path):
@@ -334,10 +335,10 @@ def test_ov_coco_output_loads_as_dataset(tmp_path):
     fake = _fake_coco("train2017")
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(fake))
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(fake))
-    data.build_ov_coco(root)
+    ov_coco.build_ov_coco(root)
     for im in fake["images"]:
         Image.new("RGB", (64, 48)).save(root / "train2017" / im["file_name"])
-    names = [n for n, _ in data.OV_COCO_BASE + data.OV_COCO_NOVEL]
+    names = [n for n, _ in config.OV_COCO_BASE + config.OV_COCO_NOVEL]
     ds = data.OVDetectionDataset(root / "train2017", root / "annotations" / "instances_train2017.48.json",
                                  names, 48, None, True, skip_images_without_base=True)
     assert [ds.image_info(i)["id"] for i in range(len(ds))] == [5, 9]

@@ -15,7 +15,6 @@ from orthogonal), so the contrastive losses are not trivially ~0.
 """
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 world; all at their defaults nothing changes), the oracle switch (all texts in the training
 classifier, base / novel still reported apart) and bench/ablation.py's rows and checks."""
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """The official HD-OVD resources drive the COCO config as they are, and the audit's COCO-path fixes.
 
 A miniature copy of the official layout (official README "Data Preparation") is built here: four
-COCO-format train images turned into instances_train2017.48.json by ``data.build_ov_coco``, and an
+COCO-format train images turned into instances_train2017.48.json by ``ov_coco.build_ov_coco``, and an
 ``ovd_resources/`` folder with the proposals pickle, one ``.pth`` per image with the four official
 keys (fp16, not normalised), the DetPro class file (65, D) and the "whole entity" file (1, D).
 Image 1 carries the traps of the official loader's filters: a crowd box and a box with area 0 (no
@@ -41,6 +41,7 @@ import train
 from conftest import REPO
 from knowledge import clip_io, extract, official, proposals
 from test_coco_path import make_tiny_coco
+from tools import ov_coco
 
 COCO_CONFIG = REPO / "configs" / "ov_coco_faster_rcnn_r50.yaml"
 D = 64  # embedding width of the miniature files (ViT-B/32: 512)
@@ -82,7 +83,7 @@ def layout(tmp_path_factory):
     coco, res = top / "dataset" / "coco", top / "ovd_resources"
     make_tiny_coco(coco, num_train=4, num_val=2, size=(W, H))
     _add_traps(coco / "annotations" / "instances_train2017.json")
-    data.build_ov_coco(coco)
+    ov_coco.build_ov_coco(coco)
     train_json = json.loads((coco / "annotations" / "instances_train2017.48.json").read_text())
     (res / official.EMBEDDING_DIR).mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +154,7 @@ def test_coco_config_trains_two_steps_from_the_official_files(layout, tmp_path, 
 def test_adamixer_generator_reads_the_official_whole_entity_text(layout):
     cfg = config.load_config(REPO / "configs" / "ov_coco_adamixer_r50.yaml",
                              overrides(layout))
-    model = hdovd.build_hdovd(cfg)  # no class_embeddings.pt anywhere: only the DetPro files
+    model = hdovd.build_hdovd(cfg, *clip_io.class_texts(cfg))  # no class_embeddings.pt: the DetPro files
     whole_entity = F.normalize(torch.load(layout["resources"] / official.OBJECTNESS_EMBEDDING).float()[0], dim=-1)
     torch.testing.assert_close(model.detector.generator.objectness_text, whole_entity)
     assert not data.knowledge_dir(cfg).exists()
@@ -184,7 +185,7 @@ def test_values_read_reach_the_model_unchanged(layout):
     torch.testing.assert_close(know["pseudo_weight"],
                                1.3 * torch.sigmoid(((v * t).sum(-1) - 0.31) / 0.026))
 
-    texts = hdovd.load_class_embeddings(cfg)
+    texts, _ = clip_io.class_texts(cfg)
     model = hdovd.build_hdovd(cfg, class_embeddings=texts)
     torch.testing.assert_close(model.class_embeddings,
                                unit(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS)))
@@ -238,7 +239,7 @@ def test_missing_or_mismatched_files_name_themselves(layout, tmp_path):
         ds[ds.ids.index(1)]
     (res / official.CLASS_EMBEDDINGS).unlink()
     with pytest.raises(official.OfficialResourcesError, match="coco_detpro_category.*not found"):
-        hdovd.load_class_embeddings(cfg)
+        clip_io.class_texts(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

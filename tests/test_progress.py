@@ -1,10 +1,10 @@
-"""data.progress_bar: whole lines (no carriage returns) when stderr is not a terminal, throttled to
+"""rundir.progress_bar: whole lines (no carriage returns) when stderr is not a terminal, throttled to
 the interval but always with the first and the last count; silent off rank 0."""
-import data
+import rundir
 
 
 def test_lines_in_a_log(capsys):
-    for _ in data.progress_bar(range(5), desc="steps", mininterval=0):
+    for _ in rundir.progress_bar(range(5), desc="steps", mininterval=0):
         pass
     err = capsys.readouterr().err
     assert "\r" not in err
@@ -14,7 +14,7 @@ def test_lines_in_a_log(capsys):
 
 
 def test_interval_and_postfix_are_throttled(capsys):
-    bar = data.progress_bar(total=100, desc="train", mininterval=3600)
+    bar = rundir.progress_bar(total=100, desc="train", mininterval=3600)
     for i in range(100):
         bar.update(1)
         bar.set_postfix(loss=1 / (i + 1))  # tqdm refreshes on every set_postfix; the log must not
@@ -24,9 +24,9 @@ def test_interval_and_postfix_are_throttled(capsys):
 
 
 def test_quiet_off_rank_zero(capsys, monkeypatch):
-    for _ in data.progress_bar(range(3), desc="x", master=False):
+    for _ in rundir.progress_bar(range(3), desc="x", master=False):
         pass
     monkeypatch.setenv("RANK", "1")  # torchrun's variable
-    for _ in data.progress_bar(range(3), desc="y"):
+    for _ in rundir.progress_bar(range(3), desc="y"):
         pass
     assert capsys.readouterr().err == ""

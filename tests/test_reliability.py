@@ -30,7 +30,6 @@ the evaluation (sharded, it scores the checkpoint's model: equal to one process 
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from PIL import Image
 
 import config
 import data
+import rundir
 import evaluate
 import train
 from conftest import REPO, tiny_overrides
@@ -121,7 +121,7 @@ def _die_at_write(tmp_path: Path, writer: str, pattern: str, nth: int, target: s
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` but data.write_atomic's hidden temporary folders -> its bytes."""
+    """Every file under ``root`` but rundir.write_atomic's hidden temporary folders -> its bytes."""
     files = (p.relative_to(root) for p in sorted(root.rglob("*")) if p.is_file())
     return {f.as_posix(): (root / f).read_bytes() for f in files
             if not any(part.startswith(".") for part in f.parts)}
@@ -129,7 +129,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def _log(run_dir: Path, kind: str = "train") -> list[dict]:
     lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
-    return [r for r in map(train._parse, lines) if r is not None and r["kind"] == kind]
+    return [r for r in map(rundir._parse, lines) if r is not None and r["kind"] == kind]
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -250,7 +250,7 @@ def test_torn_last_log_line_is_dropped_on_resume(tiny_world, tmp_path, one_threa
         f.write('{"kind": "train", "step": 3, "lo')
     train.main(args)
     assert [r["step"] for r in _log(run)] == [1, 2]
-    assert all(train._parse(line) for line in (run / "log.jsonl").read_text().splitlines())
+    assert all(rundir._parse(line) for line in (run / "log.jsonl").read_text().splitlines())
 
 
 # ------------------------------------------------------------------------------------------------

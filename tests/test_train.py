@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import config
+import rundir
 import train
 
 
@@ -61,8 +62,8 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     cfg = config.load_config(None)
-    save = lambda step: train.save_checkpoint(path, model, opt, sched, scaler, step, 1, cfg, None,  # noqa: E731
-                                              [train.rng_state()])
+    save = lambda step: rundir.save_checkpoint(path, model, opt, sched, scaler, step, 1, cfg, None,  # noqa: E731
+                                              [rundir.rng_state()])
     save(1)
     assert torch.load(path, weights_only=True)["step"] == 1
 
@@ -82,11 +83,11 @@ def test_resume_config_check_lists_the_differing_keys():
     ok = config.config_to_dict(config.load_config(None, [
         "train.max_steps=5", "train.milestones=[3]", "run.device=cpu", "eval.max_images=2",
         "data.num_workers=0", "train.log_every=1"]))
-    train.check_resume_config(saved, ok, "ckpt.pth")  # run/eval/train-length keys may change
+    rundir.check_resume_config(saved, ok, "ckpt.pth")  # run/eval/train-length keys may change
     bad = config.config_to_dict(config.load_config(None, ["train.lr=0.5", "distill.image=false",
                                                           "run.seed=3"]))
     with pytest.raises(config.ConfigError) as e:
-        train.check_resume_config(saved, bad, "ckpt.pth")
+        rundir.check_resume_config(saved, bad, "ckpt.pth")
     assert all(k in str(e.value) for k in ("train.lr", "distill.image", "run.seed"))
     assert "train.max_steps" not in str(e.value)
 
