@@ -50,7 +50,7 @@ official HD-OVD files instead, by knowledge/official.py (their layout and alignm
 
 The OV-COCO annotation files themselves are built once by ``python -m tools.ov_coco`` (tools/ov_coco.py).
 
-References: METHOD.md 8.1 and 10.1/10.7; official tools/get_ov_coco_annotations.py (the split)
+References: docs/METHOD.md §8.1 and §10.1/§10.7; official tools/get_ov_coco_annotations.py (the split)
 and mmdet 2.x CocoDataset / Resize(keep_ratio) / RandomFlip; DETR datasets/transforms.py (joint transforms).
 Deviations:
 * The CLIP embeddings in ``knowledge`` are those of the unflipped image even when the image is flipped

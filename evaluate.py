@@ -59,7 +59,7 @@ Contract
   ``plot_pr_curves(pr_curves, png)``, ``plot_loss_curves(log_jsonl, png)`` (train.py's log: one
   line per scaled ``loss_*`` term and the total, log scale).
 
-References: METHOD.md §8.3 (metric: slicing COCOeval's precision per category subset, as
+References: docs/METHOD.md §8.3 (metric: slicing COCOeval's precision per category subset, as
 OADP/HD-OVD's ``ov_coco.py`` ``COCO_17_bbox_mAP_50``), §2.6/§7 (the base/novel score ensemble lives
 in ``model.detect``; here we only say which classes are novel), pycocotools ``cocoeval.py``;
 segment-anything's ``SamPredictor`` and Hugging Face's ``from_pretrained`` (the API's shape).

@@ -1,6 +1,6 @@
 """HD-OVD: a detector, the CLIP class texts and the three distillation hierarchies, joined.
 
-References: METHOD.md §1 (overview), §3.2 (novel-class-aware classification), §4–§6 (losses and
+References: docs/METHOD.md §1 (overview), §3.2 (novel-class-aware classification), §4–§6 (losses and
 weights), §7 (Faster R-CNN variant and its inference ensemble), §2 + §3.3 (AdaMixer variant);
 official `mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`, and
 `detectors/query_based.py` + `roi_heads/adamixer_decoder_prompt.py` for ``HDOVDAdaMixer``.
