@@ -1,4 +1,4 @@
-"""Behavioural tests of knowledge/convert_adamixer.py (the released HD_OVD_adamixer.pth → a project
+"""Behavioural tests of tools/convert_adamixer.py (the released HD_OVD_adamixer.pth → a project
 checkpoint). No official file is on this machine: the official state dicts are synthesised here
 from project models with random weights, under the names and shapes of ADAMIXER.md §4, by
 ``official_state`` below, written by hand from that list and independent of the converter's tables.
@@ -26,7 +26,8 @@ import config
 import evaluate
 import hdovd
 from conftest import REPO
-from knowledge import convert_adamixer, official
+from knowledge import official
+from tools import convert_adamixer
 
 CONFIG = REPO / "configs" / "ov_coco_adamixer_r50.yaml"
 SMALL = ["model.backbone_weights=''", "model.fpn_channels=32", "adamixer.num_stages=2",

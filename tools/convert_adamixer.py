@@ -1,6 +1,6 @@
 """Convert the released official checkpoint ``HD_OVD_adamixer.pth`` into a project checkpoint.
 
-    python -m knowledge.convert_adamixer HD_OVD_adamixer.pth --config configs/ov_coco_adamixer_r50.yaml \
+    python -m tools.convert_adamixer HD_OVD_adamixer.pth --config configs/ov_coco_adamixer_r50.yaml \
         --resources ../ovd_resources --out runs/hd_ovd_adamixer/ckpt.pth
     python evaluate.py runs/hd_ovd_adamixer/ckpt.pth --set data.root=../dataset/coco
 
@@ -295,7 +295,7 @@ def convert_checkpoint(official_path, cfg, resources, out_path, allow_pickle: bo
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m knowledge.convert_adamixer", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.convert_adamixer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="the official HD_OVD_adamixer.pth (mmcv checkpoint)")
     config_lib.add_config_args(parser, default="configs/ov_coco_adamixer_r50.yaml")
