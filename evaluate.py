@@ -1,50 +1,26 @@
-"""Open-vocabulary evaluation (COCOeval AP50 on novel / base / all categories, plots) and any
-vocabulary on your own images (a Python API and a command).
+"""Open-vocabulary evaluation: COCOeval AP50 on novel / base / all categories, and plots.
 
-Commands
---------
     python evaluate.py runs/<name>/ckpt.pth [--set key=value ...] [--out DIR] [--plots DIR]
-        rebuilds the model from the config stored in the checkpoint (``--set`` overrides it, e.g.
-        ``eval.max_images=100``), detects on the val split, writes ``detections_val.json`` (COCO
-        results) and ``metrics.json`` next to the checkpoint (or into ``--out``) and prints the
-        novel / base / all table; ``--plots DIR`` also draws ``ap50_per_class.png`` (base and novel
-        coloured apart) and ``pr_curves.png`` (precision-recall at IoU 0.5, base vs novel).
-    python evaluate.py runs/<name>/ckpt.pth --images a.jpg b.jpg
-                       [--vocabulary "cat,dog,kite" | --vocabulary-file names.txt] [--out out/]
-        detects the vocabulary (default: the checkpoint's classes; a file holds one name per line)
-        and writes ``out/<stem>.png`` (boxes with name and score >= ``eval.vis_score_thresh``, base
-        and novel classes in two colours), ``out/detections.json`` (COCO results, every detection)
-        and ``out/dataset.json`` (the COCO ``images`` and ``categories`` that the results' ids
-        refer to: ``COCO("out/dataset.json").loadRes("out/detections.json")`` works).
 
-Python API (SAM's predictor shape; the README example)
-------------------------------------------------------
-    predictor = evaluate.Predictor.from_pretrained("runs/shapes_ov_frcnn/ckpt.pth")
-    dets = predictor("photo.png", vocabulary=["ring", "crescent"])  # also PIL / NumPy / tensor
-    dets.boxes, dets.scores, dets.names   # xyxy in the photo's own pixels, best first
-    dets.draw("photo_dets.png")           # and returns the PIL picture
+rebuilds the model from the config stored in the checkpoint (``--set`` overrides it, e.g.
+``eval.max_images=100``), detects on the val split, writes ``detections_val.json`` (COCO results)
+and ``metrics.json`` next to the checkpoint (or into ``--out``) and prints the novel / base / all
+table; ``--plots DIR`` also draws ``ap50_per_class.png`` and ``pr_curves.png``. Your vocabulary on
+your images is predict.py (``evaluate.py ckpt --images ...`` still forwards there, for one release).
 
 Contract
 --------
-* ``Predictor.from_pretrained(ckpt, device=None, overrides=None)``: model and config from the
-  checkpoint. ``predictor(image_or_list, vocabulary=None) -> Detections`` (a list for a list).
-  ``vocabulary``: names as a list or one "a,b,c" string (None: the checkpoint's classes). New
-  names are embedded with the checkpoint's teacher CLIP and prompt templates
-  (``teacher.clip_model``, ``teacher.templates``), the recipe of the class texts it was trained
-  against, and compete with the checkpoint's own classes in the softmax
-  (``hdovd.compete_with_known``, where the measurement behind it is); a name that is a training
-  base class is base in the ensemble. An image is a path, a PIL image, a NumPy array
-  [H, W(, 3)] or a tensor [3, H, W], uint8 or float in [0, 1].
-* ``Detections``: ``boxes`` [N, 4] xyxy in the ORIGINAL image's pixels, ``scores`` [N],
-  ``labels`` [N] (index into ``vocabulary``), ``names`` (one per box), ``novel`` (one per
-  vocabulary name), ``draw(path=None, score_thresh=None) -> PIL.Image``,
-  ``to_coco(image_id) -> COCO results`` (``category_id = label + 1``).
+* ``load_checkpoint(path, overrides=None, device="cpu") -> (model in eval mode, cfg, ckpt dict)``
+  for train.py's ``ckpt.pth`` and ``predict.Predictor.save``'s files (both hold ``"model"`` and
+  ``"config"``), read with ``torch.load(weights_only=True)`` (``read_checkpoint``): a file that
+  needs arbitrary unpickling is refused before any of it runs; an older checkpoint whose only
+  objects are numpy arrays (RNG states) gets the command that converts it.
 * ``evaluate_model(model, dataset, device, batch_size, text_embeddings=None) -> (metrics, results)``:
-  ``model.detect`` on every image of ``dataset`` (an ``data.OVDetectionDataset`` of the val split),
-  boxes mapped back to the ORIGINAL image frame (``xyxy / target["scale"]``; eval never flips),
-  converted to COCO results ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` with
-  ``category_id = dataset.label_to_cat_id[label]``. Under torch.distributed each rank detects a
-  strided shard of the images and the results are gathered; every rank returns the same metrics.
+  ``model.detect`` on every image of ``dataset`` (a ``data.OVDetectionDataset`` of the val split),
+  boxes mapped back to the ORIGINAL image frame (``boxes_to_original``: per axis, size/orig_size;
+  eval never flips), as COCO results ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
+  with ``category_id = dataset.label_to_cat_id[label]``. Under torch.distributed each rank detects
+  a strided shard and the results are gathered; every rank returns the same metrics.
 * ``coco_metrics(coco_gt, results, base_cat_ids, novel_cat_ids, img_ids=None) -> dict`` (METHOD §8.3):
   pycocotools COCOeval "bbox"; the precision array ``[T, R, K, A, M]`` (IoU thresholds, 101 recall
   points, categories, area ranges, max detections) is sliced at IoU 0.5, area "all", maxDets 100.
@@ -61,17 +37,10 @@ Contract
 
 References: docs/METHOD.md §8.3 (metric: slicing COCOeval's precision per category subset, as
 OADP/HD-OVD's ``ov_coco.py`` ``COCO_17_bbox_mAP_50``), §2.6/§7 (the base/novel score ensemble lives
-in ``model.detect``; here we only say which classes are novel), pycocotools ``cocoeval.py``;
-segment-anything's ``SamPredictor`` and Hugging Face's ``from_pretrained`` (the API's shape).
-
-Deviations
-----------
-* The official code evaluates with ``maxDets=[100, 300, 1000]``; the model returns at most 100
-  detections per image, so we read the maxDets=100 slice of COCO's default ``[1, 10, 100]``
-  (identical numbers).
-* A custom vocabulary is not in the paper (it evaluates fixed vocabularies only): its names
-  compete with the checkpoint's classes (hdovd.py, "Custom vocabularies"); only names that are
-  training base classes are base in the ensemble, every other name is novel.
+in ``model.detect``; here we only say which classes are novel), pycocotools ``cocoeval.py``.
+Deviation: the official code evaluates with ``maxDets=[100, 300, 1000]``; the model returns at
+most 100 detections per image, so we read the maxDets=100 slice of COCO's default ``[1, 10, 100]``
+(identical numbers).
 """
 from __future__ import annotations
 
@@ -80,22 +49,20 @@ import contextlib
 import copy
 import io
 import json
+import pickle
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from matplotlib.patches import Rectangle
-from matplotlib.patheffects import withStroke
-from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
 import config
 import data
-from knowledge import clip_io
 import hdovd
+import rundir
 
 METRIC_KEYS = ["AP50_novel", "AP50_base", "AP50_all", "AP_all", "AP_novel", "AP_base",
                "AP75_novel"]
@@ -243,7 +210,7 @@ def evaluate_model(model, dataset, device, batch_size: int, text_embeddings=None
         shuffle=False, num_workers=num_workers, collate_fn=data.collate,
         pin_memory=torch.device(device).type == "cuda")
     results = []
-    for images, targets in data.progress_bar(loader, desc="eval", master=rank == 0, leave=False):
+    for images, targets in rundir.progress_bar(loader, desc="eval", master=rank == 0, leave=False):
         images = [im.to(device, non_blocking=True) for im in images]
         dets = model.detect(images, text_embeddings=text_embeddings)
         results += detections_to_coco(dets, targets, dataset.label_to_cat_id)
@@ -262,26 +229,62 @@ def evaluate_model(model, dataset, device, batch_size: int, text_embeddings=None
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and the two commands.
+# Checkpoints and the command.
 # ----------------------------------------------------------------------------------------------
 
+def _is_numpy_array_global(name: str) -> bool:
+    """A global that only rebuilds a numpy array (what older checkpoints' RNG states name)."""
+    return name in {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                    "numpy.ndarray", "numpy.dtype"} or name.startswith("numpy.dtypes.")
+
+
+def pickled_globals(path) -> list[str]:
+    """The Python objects a checkpoint's pickle names beyond tensors and plain types, read from
+    the pickle's opcodes without running any of it ([] when none or when torch cannot tell)."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    try:
+        return sorted(find(str(path))) if find else []
+    except Exception:  # a damaged file: the caller's own error says so
+        return []
+
+
+def read_checkpoint(path) -> dict:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python types only, so opening a
+    checkpoint someone sent you runs no code. The errors say why a file is refused and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found; train.py writes "
+                                f"runs/<run.name>/ckpt.pth")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # the weights-only unpickler stops at the first unknown global, before creating it
+        names = pickled_globals(path)
+        if names and all(_is_numpy_array_global(n) for n in names):
+            raise ValueError(
+                f"'{path}' is an older checkpoint: it holds pickled numpy arrays (train.py's RNG "
+                f"states before checkpoints became weights-only), which weights-only loading refuses. Convert it once, "
+                f"safely (only numpy arrays are allowed): python predict.py convert {path} "
+                f"{path.with_name(path.stem + '_weights_only.pth')}") from None
+        raise ValueError(
+            f"'{path}' needs arbitrary unpickling to load (it names {', '.join(names) or 'Python objects'}), "
+            f"which can run any code: refused, and nothing in it ran. train.py and "
+            f"predict.Predictor.save write tensors and plain types only; ask for such a file") from None
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise ValueError(f"cannot read checkpoint '{path}' ({type(e).__name__}: {e}); is it a "
+                         f"complete train.py checkpoint? train.py writes runs/<run.name>/ckpt.pth") \
+            from None
+
+
 def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
-    """Rebuild the model of a train.py checkpoint from the config stored inside it.
+    """Rebuild the model of a train.py (or ``Predictor.save``) checkpoint from the config stored
+    inside it.
 
     Returns (model in eval mode on ``device``, cfg, checkpoint dict). ``overrides`` are ``a.b=v``
     strings applied on top of the stored config (e.g. ``eval.batch_size=4``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' not found; train.py writes "
-                                f"runs/<run.name>/ckpt.pth")
-    # Our own checkpoints hold config dicts and RNG states (numpy arrays): not weights-only.
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"cannot read checkpoint '{path}' ({type(e).__name__}: {e}); is it a "
-                         f"complete train.py checkpoint? train.py writes runs/<run.name>/ckpt.pth") \
-            from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"'{path}' is not a train.py checkpoint (expected a dict with 'model' "
                          f"and 'config' entries)")
@@ -293,7 +296,7 @@ def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
         raise ValueError(f"'{path}' was trained on {len(trained)} classes but the config names "
                          f"{len(config.class_names(cfg))} (data.base_classes + data.novel_classes); "
                          f"a --set cannot change the classes of a trained model: detect other "
-                         f"names with --images ... --vocabulary \"a,b,c\"")
+                         f"names with predict.py --vocabulary \"a,b,c\"")
     # The class text embeddings are a buffer of the model: take them from the checkpoint, so that
     # evaluation does not need the teacher's knowledge folder.
     model = hdovd.build_hdovd(cfg, class_embeddings=ckpt["model"].get("class_embeddings"))
@@ -311,7 +314,7 @@ def load_checkpoint(path, overrides: list[str] | None = None, device="cpu"):
 
 def write_metrics(metrics: dict, path: Path) -> None:
     """``metrics.json`` (percent AP values, per-class AP50, counts), indented, atomically."""
-    data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    rundir.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
 
 
 def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None, plots_dir=None) -> dict:
@@ -327,7 +330,7 @@ def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None, plots_dir=None)
     curves = metrics.pop("pr_curves", None)  # plotted, not part of metrics.json
     metrics["step"] = ckpt.get("step")
     out_dir = Path(out_dir) if out_dir else Path(ckpt_path).parent
-    data.write_atomic(out_dir / "detections_val.json", lambda tmp: tmp.write_text(json.dumps(results)))
+    rundir.write_atomic(out_dir / "detections_val.json", lambda tmp: tmp.write_text(json.dumps(results)))
     write_metrics(metrics, out_dir / "metrics.json")
     print(format_table(metrics, cfg.data.base_classes, cfg.data.novel_classes))
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'detections_val.json'}")
@@ -341,72 +344,10 @@ def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None, plots_dir=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Your vocabulary on your images: the Python API.
+# Pictures of a run: AP per class, precision-recall, loss curves.
 # ----------------------------------------------------------------------------------------------
 
 BASE_COLOR, NOVEL_COLOR = "#33b5ff", "#ff7f0e"  # light blue base, orange novel (seen on dark and light)
-
-
-def parse_vocabulary(vocabulary, source: str = "--vocabulary") -> list[str]:
-    """``"cat, dog,kite"`` or ``["cat", "dog", "kite"]`` -> the stripped names, in order.
-
-    No name at all, or a name twice (case ignored, as ``hdovd.compete_with_known`` matches
-    names), is an error naming ``source``.
-    """
-    items = vocabulary.split(",") if isinstance(vocabulary, str) else list(vocabulary)
-    names = [str(n).strip() for n in items if str(n).strip()]
-    if not names:
-        raise ValueError(f"{source} {vocabulary!r} holds no class names; give names such as "
-                         f"\"cat,dog,kite\"")
-    lowered = [n.lower() for n in names]
-    duplicates = sorted({n for n in names if lowered.count(n.lower()) > 1})
-    if duplicates:
-        raise ValueError(f"{source} names {duplicates} more than once")
-    return names
-
-
-def read_vocabulary_file(path) -> list[str]:
-    """One class name per line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--vocabulary-file '{path}' not found (one class name per line)")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return parse_vocabulary([ln for ln in lines if not ln.startswith("#")], f"--vocabulary-file {path}")
-
-
-def to_pil(image) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image, a NumPy array [H, W(, 1|3|4)] or a tensor
-    [1|3, H, W]; arrays and tensors are uint8 (0-255) or float in [0, 1] (torchvision's convention)."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image '{path}' not found")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # convert() decodes now: a broken file fails here
-        except OSError as e:  # PIL.UnidentifiedImageError and truncated files
-            raise ValueError(f"'{path}' is not an image file PIL can read ({e})") from None
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"an image tensor must be [3, H, W] (or [1, H, W]), got {list(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()  # (H, W, 3)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[..., 0]  # (H, W)
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"an image array must be [H, W] or [H, W, 3], got {list(image.shape)}")
-        if np.issubdtype(image.dtype, np.integer) and image.size and 0 <= image.min() <= image.max() <= 255:
-            image = image.astype(np.uint8)  # e.g. int64 0-255 from arithmetic on a uint8 picture
-        if image.dtype != np.uint8:
-            if image.size and (image.min() < 0 or image.max() > 1):
-                raise ValueError(f"a {image.dtype} image must hold floats in [0, 1] or integers in "
-                                 f"0-255, got values in [{image.min():.3g}, {image.max():.3g}]")
-            image = (image * 255).round().astype(np.uint8)
-        return Image.fromarray(image).convert("RGB")
-    raise TypeError(f"cannot read an image from a {type(image).__name__}; give a path, a PIL image, "
-                    f"a NumPy array or a tensor")
 
 
 def _figure(width_px: int, height_px: int):
@@ -418,160 +359,6 @@ def _figure(width_px: int, height_px: int):
     FigureCanvasAgg(fig)
     return fig
 
-
-@dataclass
-class Detections:
-    """The detections of one image (contract in the module header)."""
-    boxes: torch.Tensor   # [N, 4] xyxy, original image pixels
-    scores: torch.Tensor  # [N], highest first
-    labels: torch.Tensor  # [N] long, index into vocabulary
-    vocabulary: list[str]
-    novel: list[bool]     # per vocabulary name: not a training base class
-    image: Image.Image
-    score_thresh: float = 0.3  # draw()'s default: the checkpoint's eval.vis_score_thresh
-
-    @property
-    def names(self) -> list[str]:
-        return [self.vocabulary[i] for i in self.labels.tolist()]
-
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO results (xywh, original pixels) with ``category_id = label + 1``."""
-        xywh = torch.cat([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], dim=1)  # [N, 4]
-        return [{"image_id": image_id, "category_id": label + 1, "bbox": [round(v, 2) for v in box],
-                 "score": round(score, 5)}
-                for box, score, label in zip(xywh.tolist(), self.scores.tolist(), self.labels.tolist())]
-
-    def draw(self, path=None, score_thresh: float | None = None) -> Image.Image:
-        """The image with every box scoring >= ``score_thresh`` and its "name score" tag (base
-        classes blue, novel orange), at least 512 px on the long side; saved to ``path`` if given."""
-        thresh = self.score_thresh if score_thresh is None else score_thresh
-        w, h = self.image.size
-        zoom = max(1.0, 512 / max(w, h))  # small images (Shapes-OV: 128 px) would hide the tags
-        fig = _figure(round(w * zoom), round(h * zoom))
-        ax = fig.add_axes([0, 0, 1, 1])
-        ax.imshow(self.image)
-        ax.set_axis_off()
-        for (x1, y1, x2, y2), score, label in zip(self.boxes.tolist(), self.scores.tolist(),
-                                                  self.labels.tolist()):
-            if score < thresh:
-                continue
-            color = NOVEL_COLOR if self.novel[label] else BASE_COLOR
-            box = ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, color=color))
-            box.set_path_effects([withStroke(linewidth=4, foreground="black")])  # seen on any background
-            ax.text(x1, y1, f"{self.vocabulary[label]} {score:.2f}", color="white", fontsize=9,
-                    va="bottom", bbox=dict(facecolor=color, alpha=0.85, pad=1, lw=0))
-        fig.canvas.draw()
-        picture = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-        if path is not None:  # atomic: the format follows the extension, which the tmp file keeps
-            data.write_atomic(path, lambda tmp: picture.save(tmp))
-        return picture
-
-
-class Predictor:
-    """A trained checkpoint that detects any vocabulary on any image (contract in the header)."""
-
-    def __init__(self, model, cfg, device):
-        self.model, self.cfg, self.device = model.to(device).eval(), cfg, torch.device(device)
-        self.class_names = config.class_names(cfg)  # the model's class rows, base first
-        self.base = {n.strip().lower() for n in cfg.data.base_classes}
-        self.transform = data.build_transforms(cfg, train=False)
-        self.clip = None  # the teacher CLIP, loaded on the first new name
-        self.vocabularies = {}  # tuple(names) -> (text, report): embedded once
-
-    @classmethod
-    def from_pretrained(cls, ckpt_path, device=None, overrides: list[str] | None = None) -> "Predictor":
-        """Load a train.py checkpoint; ``device`` None = the config's ``run.device``."""
-        model, cfg, _ = load_checkpoint(ckpt_path, overrides)
-        return cls(model, cfg, device or config.resolve_device(cfg.run.device))
-
-    def embed(self, names: list[str]) -> torch.Tensor:
-        """[N, D] prompt-ensembled text embeddings with the checkpoint's teacher CLIP."""
-        t = self.cfg.teacher
-        if self.clip is None:
-            try:
-                self.clip, _ = clip_io.load_clip(t.clip_model, self.device, t.clip_dir)
-            except clip_io.TeacherError as e:
-                raise clip_io.TeacherError(
-                    f"{names} are not classes of this checkpoint, so they are embedded with its "
-                    f"teacher CLIP (teacher.clip_model={t.clip_model!r}), which is unavailable: "
-                    f"{e}") from None
-        text = clip_io.text_embeddings(self.clip, names, clip_io.load_templates(self.cfg))  # [N, D]
-        if text.shape[1] != self.model.class_embeddings.shape[1]:
-            raise ValueError(f"teacher.clip_model={t.clip_model} gives {text.shape[1]}-d text "
-                             f"embeddings but the model was trained against "
-                             f"{self.model.class_embeddings.shape[1]}-d ones; use its own CLIP")
-        return text
-
-    def __call__(self, images, vocabulary=None):
-        """Detections of one image (a list of them for a list), in batches of eval.batch_size."""
-        single = not isinstance(images, (list, tuple))
-        pil = [to_pil(im) for im in ([images] if single else images)]
-        if vocabulary is None:
-            names, text, report = self.class_names, None, None
-        else:
-            names = parse_vocabulary(vocabulary, "vocabulary")
-            if tuple(names) not in self.vocabularies:
-                self.vocabularies[tuple(names)] = hdovd.compete_with_known(
-                    names, self.class_names, self.model.class_embeddings, self.embed)
-            text, report = self.vocabularies[tuple(names)]
-        novel = [n.strip().lower() not in self.base for n in names]
-        out = []
-        step = self.cfg.eval.batch_size
-        for i in range(0, len(pil), step):
-            tensors, targets = [], []
-            for im in pil[i:i + step]:
-                w, h = im.size
-                # data.py's eval transforms move boxes with the image; a user's image has none
-                empty = {"boxes": torch.zeros(0, 4), "orig_size": torch.tensor([h, w]),
-                         "size": torch.tensor([h, w]), "scale": 1.0, "flipped": False}
-                tensor, target = self.transform(im, empty)
-                tensors.append(tensor.to(self.device))
-                targets.append(target)
-            dets = self.model.detect(tensors, text, self.model.num_base_classes, report,
-                                     agnostic_nms=True)  # one name per object (hdovd.py header)
-            for det, target, im in zip(dets, targets, pil[i:i + step]):
-                out.append(Detections(boxes_to_original(det["boxes"], target), det["scores"].float().cpu(),
-                                      det["labels"].cpu(), list(names), novel, im,
-                                      self.cfg.eval.vis_score_thresh))
-        return out[0] if single else out
-
-
-def detect_images(ckpt_path, image_paths: list[str], vocabulary=None, out_dir="out",
-                  overrides=None) -> list[Detections]:
-    """``evaluate.py ckpt --images ...``: one PNG per image, ``detections.json`` (COCO results)
-    and ``dataset.json`` (COCO images + categories) in ``out_dir`` (header)."""
-    paths = [Path(p) for p in image_paths]
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"--images: two images share a file stem ({stems}); <out>/<stem>.png "
-                         f"would overwrite one with the other")
-    images = [to_pil(p) for p in paths]  # a bad path fails before the model loads
-    names = None if vocabulary is None else parse_vocabulary(vocabulary)
-    predictor = Predictor.from_pretrained(ckpt_path, overrides=overrides)
-    dets = predictor(images, names)
-    out_dir = Path(out_dir)
-    results = []
-    for i, (path, det) in enumerate(zip(paths, dets)):
-        det.draw(out_dir / f"{path.stem}.png")
-        results += det.to_coco(i + 1)
-        print(f"{path}: {int((det.scores >= det.score_thresh).sum())} detections >= "
-              f"{det.score_thresh} -> {out_dir / (path.stem + '.png')}")
-    vocab = dets[0].vocabulary if dets else (names or predictor.class_names)
-    novel = dets[0].novel if dets else []
-    dataset = {"images": [{"id": i + 1, "file_name": str(p), "width": im.size[0], "height": im.size[1]}
-                          for i, (p, im) in enumerate(zip(paths, images))],
-               "categories": [{"id": c + 1, "name": n, "novel": nv}
-                              for c, (n, nv) in enumerate(zip(vocab, novel))],
-               "annotations": []}
-    data.write_atomic(out_dir / "dataset.json", lambda tmp: tmp.write_text(json.dumps(dataset, indent=1)))
-    data.write_atomic(out_dir / "detections.json", lambda tmp: tmp.write_text(json.dumps(results)))
-    print(f"wrote {out_dir / 'detections.json'} (COCO results) and {out_dir / 'dataset.json'}")
-    return dets
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures of a run: AP per class, precision-recall, loss curves.
-# ----------------------------------------------------------------------------------------------
 
 def plot_ap_per_class(per_class_ap50: dict, base: list[str], novel: list[str], png) -> None:
     """Bar chart of AP50 per class, novel classes first, base and novel coloured apart."""
@@ -635,42 +422,33 @@ def plot_loss_curves(log_jsonl, png) -> None:
 
 
 def _save(fig, png) -> None:
-    data.write_atomic(png, lambda tmp: fig.savefig(tmp))  # the tmp file keeps the extension
+    rundir.write_atomic(png, lambda tmp: fig.savefig(tmp))  # the tmp file keeps the extension
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--images" in argv:  # moved to predict.py (issue 21); this pass-through goes in the next release
+        import predict
+        print("evaluate.py: --images moved to predict.py; running `python predict.py "
+              + " ".join(argv) + "`", file=sys.stderr)
+        return predict.main(argv)
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Contracts: evaluate.py's docstring. Your vocabulary "
+                                            "on your images: python predict.py --help")
     parser.add_argument("checkpoint", help="runs/<name>/ckpt.pth written by train.py")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="override a value of the checkpoint's config")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="val split: where metrics.json and detections_val.json go (default: "
-                             "next to the checkpoint); --images: the pictures and JSON files "
-                             "(default: out/)")
+                        help="where metrics.json and detections_val.json go (default: next to the "
+                             "checkpoint)")
     parser.add_argument("--plots", default=None, metavar="DIR",
-                        help="val split: also write ap50_per_class.png and pr_curves.png here")
-    parser.add_argument("--images", nargs="+", default=None, help="your image files")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--vocabulary", default=None, help='class names to detect: "cat,dog,kite" '
-                                                          "(default: the checkpoint's classes)")
-    group.add_argument("--vocabulary-file", default=None, help="class names, one per line")
+                        help="also write ap50_per_class.png and pr_curves.png here")
     args = parser.parse_args(argv)
-    if args.images is None and (args.vocabulary is not None or args.vocabulary_file is not None):
-        parser.error("--vocabulary/--vocabulary-file need --images (the val split is evaluated "
-                     "on the checkpoint's classes)")
-    if args.images is not None and args.plots is not None:
-        parser.error("--plots belongs to the val-split evaluation, not to --images")
     try:
-        if args.images is not None:
-            vocabulary = (read_vocabulary_file(args.vocabulary_file) if args.vocabulary_file
-                          else args.vocabulary)
-            return detect_images(args.checkpoint, args.images, vocabulary, args.out or "out",
-                                 args.overrides)
         return evaluate_checkpoint(args.checkpoint, args.overrides, args.out, args.plots)
-    except (config.ConfigError, data.DataError, clip_io.TeacherError, FileNotFoundError,
-            ValueError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    except (config.ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate.py: error: {rundir.error_line(e)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot ex
   ``scores`` [N], ``labels`` [N] in 0..C-1, N ≤ ``inference.max_detections``. Any vocabulary:
   pass its text embeddings [K, D]; classes with index ≥ ``num_base_classes`` are treated as novel
   in the ensemble; ``report`` [C] picks the classes returned (labels index into it) and
-  ``agnostic_nms`` keeps one name per object (both: "Custom vocabularies" below).
+  ``agnostic_nms`` keeps one name per object (both: predict.py, "Custom vocabularies").
   ``detections(out, ...)`` is the same after the student's forward (one forward, many
   vocabularies). COCOeval (evaluate.py) runs the paper's setting: every class, class-wise NMS.
 
@@ -40,38 +40,6 @@ Pseudo boxes (official faster_rcnn.py ``forward_train`` and standard_roi_head.py
 both sides > ``model.pseudo_min_side_px`` in RESIZED pixels are usable; ALL usable boxes are RPN
 targets, and only the first ``model.max_pseudo_boxes`` of them (file order) are RoI-head classes,
 H1 teachers and H2 texts (``make_targets``).
-
-Custom vocabularies (not in the paper; measured with bench/vocabulary.py, default checkpoint)
------------------------------------------------------------------------------------------
-A softmax over [the user's names; background] forces every object into one of the names: the
-learned background was trained against regions of no class, not against objects of classes left
-out of the list. 500 Shapes-OV val images, detections with score >= 0.3: precision 0.32 for the
-four novel names, 0.16 for "trapezoid" alone (squares, triangles, semicircles become trapezoids),
-0.82 even with all 16 names; recall >= 0.97. Two steps, each measured on its own:
-1. ``compete_with_known``: the names compete with every class the checkpoint knows (its own class
-   texts, base and novel; a name equal to one of them IS that row) and only the names are
-   reported. This is NegLabel's recipe (Jiang et al., ICLR 2024, "Negative Label Guided OOD
-   Detection with Pretrained Vision-Language Models": add labels nobody asked for to the softmax,
-   score with the asked ones) with the detector's own classes as the negatives: a name's score is
-   its probability in the detector's full vocabulary. Four novel names 0.32 -> 0.84 precision,
-   "trapezoid" 0.16 -> 0.61, a name the detector never saw next to a known one ("ring,kite")
-   0.20 -> 0.46, recall unchanged.
-2. ``agnostic_nms``: one name per object. The paper's class-wise NMS (right for AP, which rewards
-   a second guess) keeps a second name on an object whenever it passes the threshold, and the
-   power ensemble p1^(1-a) * p2^a lifts runner-up classes (0.05^0.55 = 0.19; p2 = sigmoid(20 cos)
-   does not depend on the vocabulary). One more NMS at ``inference.nms_iou`` across all competing
-   classes keeps each object's best name, an unreported class's included, so the user's name is
-   reported only where it wins (Detic's demo keeps one class per proposal for the same reason,
-   ``ONE_CLASS_PER_PROPOSAL``; detectors' "agnostic NMS" option). Four novel names 0.84 -> 0.95,
-   "trapezoid" 0.61 -> 0.89, all 16 names 0.82 -> 0.95 precision at 0.96-1.00 recall.
-For names of known classes the result is exactly the full-vocabulary detector (one name per
-object) restricted to those names, so what remains are its own errors: hexagon <-> circle (36 of
-174 objects), semicircle -> trapezoid (12 of 125), crescents boxed at IoU 0.42-0.49: every
-vocabulary below 0.95 precision holds circle, trapezoid or crescent (0.86-0.95; README table).
-Measured and dropped: a per-class softmax over [name; background] (vocabulary-independent like a
-sigmoid: precision 0.24 for the four novel names), one class per proposal (Detic) instead of 2
-(0.89 four novel names, 0.86 all 16) or on top of it (no change), the agnostic NMS at IoU 0.3 or
-0.7 instead of 0.5 (+-0.015 precision).
 
 Deviations
 * Pseudo boxes are used by the RPN whenever H1 or H2 is on (official: tied to `use_pseudo_box`).
@@ -272,7 +240,7 @@ class HDOVD(nn.Module):
         ``report`` [C] long: only these classes are returned, labels then index into it; the others
         took part in the softmax and (with ``agnostic_nms``) in the NMS, never in the top-k.
         ``agnostic_nms``: then one more NMS at the same IoU across classes, so an object keeps only
-        its best-scoring name, an unreported class's included ("Custom vocabularies", header).
+        its best-scoring name, an unreported class's included (predict.py, "Custom vocabularies").
         """
         inf = self.inference
         num_classes = probs.shape[1]
@@ -461,30 +429,6 @@ class HDOVDAdaMixer(HDOVD):
         alpha = torch.where(is_novel, inf["beta"], inf["alpha"])  # (C,)
         fused = torch.cat([p1[:, :-1] ** (1 - alpha) * p2 ** alpha, p1[:, -1:]], dim=1)  # (R, C + 1)
         return (fused / fused.sum(dim=1, keepdim=True))[:, :-1]
-
-
-def compete_with_known(names: list[str], known_names: list[str], known_text: torch.Tensor,
-                       embed) -> tuple[torch.Tensor, torch.Tensor]:
-    """A user vocabulary joined to the classes the detector knows: ``detect``'s text and report.
-
-    ``names``: the C class names asked for; ``known_names`` / ``known_text`` [K, D]: the
-    checkpoint's classes (base first, as ``class_embeddings``); ``embed(list[str]) -> [N, D]`` is
-    called once with the names that are not known (not at all when every name is known).
-    Returns ``(text [K + N, D], report [C])``: the known rows, then the new names; a name equal to
-    a known one (case and outer spaces ignored) IS that row, so a base name keeps base weight α and
-    its training embedding. ``report[c]`` is the row of ``names[c]``; call
-    ``detect(images, text, num_base_classes=<K's base count>, report=report)``. Why: header,
-    "Custom vocabularies".
-    """
-    def key(name):
-        return name.strip().lower()
-
-    row_of = {key(n): i for i, n in enumerate(known_names)}
-    new = [n for n in names if key(n) not in row_of]
-    for i, n in enumerate(new):
-        row_of[key(n)] = len(known_names) + i
-    text = torch.cat([known_text, embed(new).to(known_text)]) if new else known_text  # (K + N, D)
-    return text, torch.tensor([row_of[key(n)] for n in names])
 
 
 def loss_weights(cfg) -> dict[str, float]:

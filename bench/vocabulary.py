@@ -13,9 +13,9 @@ over the ground-truth boxes of the vocabulary's classes. Three detectors share o
 
 * ``alone`` (before issue 13): the softmax runs over [the names; background] only;
 * ``compete``: the names compete with the checkpoint's own classes in the softmax, only the names
-  are reported (``hdovd.compete_with_known``);
-* ``predictor`` (what ``evaluate.Predictor`` does): ``compete`` plus a class-agnostic NMS over all
-  competing classes, so an object keeps only its best-scoring name (hdovd.py, "Custom
+  are reported (``predict.compete_with_known``);
+* ``predictor`` (what ``predict.Predictor`` does): ``compete`` plus a class-agnostic NMS over all
+  competing classes, so an object keeps only its best-scoring name (predict.py, "Custom
   vocabularies").
 
 Then the fraction of val images holding exactly one novel object whose top detection with the
@@ -31,8 +31,8 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import evaluate  # noqa: E402
-import hdovd  # noqa: E402
+import rundir  # noqa: E402
+import predict  # noqa: E402
 
 UNSEEN = "kite"  # a word no Shapes-OV caption holds: its CLIP text is untrained
 
@@ -48,7 +48,7 @@ def default_vocabularies(base: list[str], novel: list[str]) -> list[list[str]]:
 
 def vocabulary_tables(model, names: list[str], class_names: list[str], embed):
     """``model.detections`` arguments (text, num_base, report, agnostic_nms) of the three detectors."""
-    known = hdovd.compete_with_known(names, class_names, model.class_embeddings, embed)
+    known = predict.compete_with_known(names, class_names, model.class_embeddings, embed)
     # alone: base names first (the ensemble's base weight α), the rest novel; report in user order
     key = {n.lower(): i for i, n in enumerate(class_names)}
     is_base = [key.get(n.lower(), len(class_names)) < model.num_base_classes for n in names]
@@ -88,10 +88,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the detector's small ops; measured faster than 2 on a shared machine
 
-    predictor = evaluate.Predictor.from_pretrained(args.checkpoint, device="cpu", overrides=args.overrides)
+    predictor = predict.Predictor.from_pretrained(args.checkpoint, device="cpu", overrides=args.overrides)
     model, cfg = predictor.model, predictor.cfg
     base, novel = cfg.data.base_classes, cfg.data.novel_classes
-    vocabs = ([evaluate.parse_vocabulary(v) for v in args.vocabulary] if args.vocabulary
+    vocabs = ([predict.parse_vocabulary(v) for v in args.vocabulary] if args.vocabulary
               else default_vocabularies(base, novel))
     vocabs_novel = [novel] + [v for v in vocabs if v != novel]  # the single-novel check's vocabulary first
     tables = [vocabulary_tables(model, v, predictor.class_names, predictor.embed) for v in vocabs_novel]
@@ -106,7 +106,7 @@ def main(argv=None):
     single = {m: [0, 0] for m in modes}  # hits, images
     novel_ids = set(range(len(base), len(base) + len(novel)))
     with torch.no_grad():
-        for images, targets in data.progress_bar(loader, desc="val", leave=False):
+        for images, targets in rundir.progress_bar(loader, desc="val", leave=False):
             out = forward(images)
             for v, (names, table) in enumerate(zip(vocabs_novel, tables)):
                 # class id of each vocabulary name (-1: not a class of the dataset)

@@ -1,12 +1,12 @@
 """A custom vocabulary (issue 13): the known classes compete in the softmax, and the Python API.
 
-* ``hdovd.compete_with_known``: known names (case ignored) are the checkpoint's own rows, only new
+* ``predict.compete_with_known``: known names (case ignored) are the checkpoint's own rows, only new
   names are embedded, the report indexes the user's order.
 * On a model whose RoI embeddings are set by hand, a square scored against the vocabulary
   ["rectangle"] alone is forced into "rectangle" (the defect), and competing with the known
   classes it is not reported, while a real rectangle still is (p1 alone and the H1 ensemble);
   a runner-up "rectangle" on a square survives class-wise NMS, not the agnostic one.
-* ``evaluate.Predictor`` on an untrained small model (no checkpoint file, no CLIP): every image
+* ``predict.Predictor`` on an untrained small model (no checkpoint file, no CLIP): every image
   type gives the same detections, boxes come back in the original frame, known names give the
   full-vocabulary detections restricted to them and need no teacher, a new name without a
   teacher is a clear error, ``draw`` returns and saves a picture.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import config
-import evaluate
+import predict
 import hdovd
 from conftest import REPO
 from knowledge import clip_io
@@ -57,7 +57,7 @@ def test_compete_with_known_reuses_known_rows_and_embeds_only_new_names():
         calls.append(list(names))
         return unit(len(names), D, seed=2)
 
-    text, report = hdovd.compete_with_known([" Ring", "kite", "SQUARE", "moon"], known, known_text, embed)
+    text, report = predict.compete_with_known([" Ring", "kite", "SQUARE", "moon"], known, known_text, embed)
     assert calls == [["kite", "moon"]]
     assert torch.equal(text[:3], known_text) and torch.equal(text[3:], unit(2, D, seed=2))
     assert report.tolist() == [2, 3, 1, 4]  # ring, kite, square, moon
@@ -65,7 +65,7 @@ def test_compete_with_known_reuses_known_rows_and_embeds_only_new_names():
     def no_embedding(names):
         raise AssertionError(f"embedded {names} although every name is known")
 
-    text, report = hdovd.compete_with_known(["circle"], known, known_text, no_embedding)
+    text, report = predict.compete_with_known(["circle"], known, known_text, no_embedding)
     assert torch.equal(text, known_text) and report.tolist() == [0]
 
 
@@ -83,14 +83,14 @@ def test_known_classes_stop_a_custom_vocabulary_from_forcing_labels(hierarchies)
     alone = model.detections(out, model.class_embeddings[[rect]], num_base_classes=0)[0]
     assert sorted(alone["scores"].tolist(), reverse=True)[1] > 0.9
 
-    text, report = hdovd.compete_with_known(["rectangle"], names, model.class_embeddings,
+    text, report = predict.compete_with_known(["rectangle"], names, model.class_embeddings,
                                             embed=lambda n: pytest.fail("all names are known"))
     known = model.detections(out, text, model.num_base_classes, report)[0]
     assert known["labels"].tolist() == [0]
     assert known["boxes"].tolist() == [[70.0, 60.0, 120.0, 90.0]] and known["scores"][0] > 0.9
 
     # both names asked: both reported, each under its own name, in the user's order
-    text, report = hdovd.compete_with_known(["rectangle", "square"], names, model.class_embeddings, None)
+    text, report = predict.compete_with_known(["rectangle", "square"], names, model.class_embeddings, None)
     both = model.detections(out, text, model.num_base_classes, report)[0]
     by_label = {int(l): b for l, b in zip(both["labels"], both["boxes"].tolist())}
     assert by_label == {0: [70.0, 60.0, 120.0, 90.0], 1: [10.0, 10.0, 50.0, 50.0]}
@@ -100,7 +100,7 @@ def test_known_classes_stop_a_custom_vocabulary_from_forcing_labels(hierarchies)
     mixed = F.normalize(0.55 * rois[0] + 0.45 * rois[1], dim=0)
     out3 = {"boxes": [torch.cat([out["boxes"][0], torch.tensor([[11.0, 10.0, 51.0, 50.0]])])],
             "roi_text_emb": torch.cat([rois, mixed[None]]), "roi_vis_emb": torch.cat([rois, mixed[None]])}
-    text, report = hdovd.compete_with_known(["rectangle"], names, model.class_embeddings, None)
+    text, report = predict.compete_with_known(["rectangle"], names, model.class_embeddings, None)
     classwise = model.detections(out3, text, model.num_base_classes, report)[0]
     assert len(classwise["boxes"]) == 2 and [11.0, 10.0, 51.0, 50.0] in classwise["boxes"].tolist()
     agnostic = model.detections(out3, text, model.num_base_classes, report, agnostic_nms=True)[0]
@@ -118,7 +118,7 @@ def _scene() -> np.ndarray:
 def test_predictor_inputs_frame_known_names_and_drawing(tmp_path):
     cfg, model = build(*ALL_OFF)
     model.inference["score_thresh"] = 0.0  # untrained: keep every box so that there is something to compare
-    predictor = evaluate.Predictor(model, cfg, "cpu")
+    predictor = predict.Predictor(model, cfg, "cpu")
     arr = _scene()
     Image.fromarray(arr).save(tmp_path / "scene.png")
     inputs = [Image.fromarray(arr), arr, arr / 255.0, torch.from_numpy(arr).permute(2, 0, 1),
@@ -159,7 +159,7 @@ def test_predictor_inputs_frame_known_names_and_drawing(tmp_path):
 
 def test_predictor_errors_name_the_problem(tmp_path):
     cfg, model = build(*ALL_OFF, f"teacher.clip_model={tmp_path / 'missing' / 'clip.pt'}")
-    predictor = evaluate.Predictor(model, cfg, "cpu")
+    predictor = predict.Predictor(model, cfg, "cpu")
     arr = _scene()
     with pytest.raises(clip_io.TeacherError, match=r"\['kite'\].*teacher\.clip_model"):
         predictor(arr, vocabulary=["circle", "kite"])
