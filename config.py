@@ -135,7 +135,7 @@ class WorldConfig:
                                         # range (0-255 scale); chosen here
     lines: list[int] = field(default_factory=lambda: [0, 2])  # spec: 0-2 thin background lines
     # Realism knobs (issue 15; the defaults keep the spec's world byte for byte). Measured effects:
-    # README "The ablation ladder", LOG.md 2026-11-30 "Issue 15"; configs/shapes_ov_ladder.yaml.
+    # README "The ablation ladder", LOG.md 2026-11-30 "Issue 15"; config.yaml turns them on.
     distractor_classes: list[str] = field(default_factory=list)  # shapes drawn like any other
                                         # but in no vocabulary: never annotated, named in captions
                                         # by a word no noun matches (COCO's 15 unused classes)
@@ -562,22 +562,43 @@ def apply_override(cfg: Config, assignment: str) -> None:
     _fill(node, {leaf: value}, walked)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the defaults when None), then apply ``overrides`` in order."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; the default is config.yaml at the "
-                              f"repository root")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+def _merge(base: dict, layer: dict) -> dict:
+    """``layer`` over ``base``, section by section (a later file's key replaces the earlier one's)."""
+    out = dict(base)
+    for key, value in layer.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; the default is config.yaml at the "
+                          f"repository root")
     try:
-        cfg = config_from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold sections (key: value), got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(paths=None, overrides: list[str] | None = None) -> Config:
+    """The defaults, then each file of ``paths`` (one path or a list; later files override earlier
+    ones key by key, e.g. ``config.yaml configs/shapes_ov_adamixer.yaml``), then ``overrides`` in
+    order. Layers are named where they are used, never inside a file (no ``_base_`` key)."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    cfg = Config()
+    for path in map(Path, paths):
+        try:  # each file is checked on its own, so an error names the file that has the key
+            cfg = config_from_dict(_merge(config_to_dict(cfg), _read_yaml(path)))
+        except ConfigError as e:
+            raise ConfigError(e.args[0] if str(path) in e.args[0] else f"{path}: {e}") from None
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     check_vocabulary(cfg)
@@ -598,7 +619,9 @@ def check_vocabulary(cfg: Config) -> None:
 
 def add_config_args(parser: argparse.ArgumentParser, default: str | None = "config.yaml"):
     """Add ``--config FILE`` and repeated ``--set a.b=value [c.d=value ...]`` to ``parser``."""
-    parser.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
+    parser.add_argument("--config", nargs="+", default=[default] if default else None, metavar="FILE",
+                        help="YAML config file(s), later ones override earlier ones "
+                             "(default: %(default)s)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-3")
     return parser

@@ -1,6 +1,6 @@
 """The ablation ladder (shapes_ov/README.md §3; METHOD §9): which hierarchy buys what.
 
-    python bench/ablation.py --config configs/shapes_ov_ladder.yaml [--seeds 3] [--rows oracle full]
+    python bench/ablation.py --config config.yaml [--seeds 3] [--rows oracle full]
                              [--jobs 2] [--threads 1] [--set key=value ...] [--out PREFIX]
 
 Rows (each a training run of ``train.py`` with the config, ``--set`` values, then the row's switches):
@@ -83,8 +83,8 @@ def launch(args, overrides: list[str], threads: int, log: Path) -> subprocess.Po
     """``train.py`` in its own process (own thread pool and memory), its output into ``log``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OMP_WAIT_POLICY="PASSIVE")  # spinning OpenMP threads cost 5-17x on busy cores
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(args.config_file), "--set",
-           *overrides]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", *map(str, args.config_files),
+           "--set", *overrides]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:  # the child keeps its own handle
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="output prefix (default: "
                         "bench/results/ablation_<model.detector>)")
     args = parser.parse_args(argv)
-    args.config_file = Path(args.config).resolve()  # train.py runs in REPO
+    args.config_files = [Path(c).resolve() for c in args.config]  # train.py runs in REPO
     out = Path(args.out).resolve() if args.out else None
     with contextlib.chdir(REPO):  # relative data.root / run.out_dir: as in train.py's processes
         return run_ladder(args, argv, out)
@@ -179,15 +179,15 @@ def main(argv=None) -> dict:
 
 def run_ladder(args, argv, out: Path | None) -> dict:
     """Prepare the world once, train the missing runs, write ``<out>.json`` / ``.md``."""
-    cfg = config.load_config(args.config_file, args.overrides)
-    out_root = Path(cfg.run.out_dir) / f"ablation_{args.config_file.stem}"
+    cfg = config.load_config(args.config_files, args.overrides)
+    out_root = Path(cfg.run.out_dir) / f"ablation_{args.config_files[-1].stem}"
     out = out or REPO / "bench" / "results" / f"ablation_{cfg.model.detector}"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # One world and one knowledge for every row: prepared here, before any run starts (the
     # oracle's view also writes its all-box file when the world lacks it).
     import train  # noqa: E402  (heavy: torch)
-    prep = config.load_config(args.config_file, args.overrides + row_overrides("oracle", cfg)
+    prep = config.load_config(args.config_files, args.overrides + row_overrides("oracle", cfg)
                               if "oracle" in args.rows else args.overrides)
     train.prepare(prep)
 
@@ -197,7 +197,7 @@ def run_ladder(args, argv, out: Path | None) -> dict:
             path = run_dir(out_root, row, seed)
             overrides = (args.overrides + row_overrides(row, cfg) +
                          [f"run.seed={seed}", f"run.out_dir={out_root}", f"run.name={path.name}"])
-            done = finished(path, config.load_config(args.config_file, overrides))
+            done = finished(path, config.load_config(args.config_files, overrides))
             if done is not None and (path / "wall_s.json").is_file():
                 results[(row, seed)] = (done, json.loads((path / "wall_s.json").read_text()))
                 print(f"ablation: {row} seed {seed}: reused {path}")

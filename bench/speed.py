@@ -175,7 +175,7 @@ def tree_memory(pid: int) -> tuple[int, int, int]:
 def peak_memory(args, threads: int) -> dict:
     """Peak memory of a short default training run (header), sampled from outside."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(REPO / "train.py"), "--config", args.config, "--set",
+        cmd = [sys.executable, str(REPO / "train.py"), "--config", *args.config, "--set",
                *args.overrides, f"run.out_dir={out}", "run.name=speed_rss",
                f"train.max_steps={args.rss_steps}", "train.ckpt_every=0", "eval.max_images=96"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")

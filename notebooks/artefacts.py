@@ -15,7 +15,7 @@ Two kinds of artefacts:
   numbers are far from the default's; it shows the mechanics, not the results.
 
 The AdaMixer student (``student="adamixer"``) has its own run on the same world: ``default`` is
-``runs/shapes_ov_adamixer/`` (``torchrun --nproc_per_node=1 train.py --config
+``runs/shapes_ov_adamixer/`` (``torchrun --nproc_per_node=1 train.py --config config.yaml
 configs/shapes_ov_adamixer.yaml``), ``tiny`` is ``runs/notebooks_tiny_adamixer`` trained for 120 steps
 through train.py with that config on the tiny world (about 2 minutes on 2 quiet cores).
 The tiny runs share one fingerprint: a changed value of the world's sections (data, world,
@@ -73,7 +73,7 @@ TINY_ADAMIXER = TINY_WORLD + [  # ... and the AdaMixer run: schedule at the conf
 
 class Run(NamedTuple):
     """One trained run the notebooks read, as train.py builds it."""
-    config_file: str         # train.py --config
+    config_files: tuple      # train.py --config (later files override earlier ones)
     default_name: str        # run.name of the default run
     tiny_name: str           # run.name of the tiny run
     tiny: list[str]          # --set overrides of the tiny run (toy size)
@@ -81,11 +81,11 @@ class Run(NamedTuple):
 
 
 RUNS = {  # label -> Run; the first is the main run (its config is Artefacts.cfg)
-    "HD-OVD": Run("config.yaml", "shapes_ov_frcnn", "notebooks_tiny_hdovd", TINY),
-    "base-only": Run("config.yaml", "shapes_ov_baseline", "notebooks_tiny_baseline", TINY, tuple(BASELINE)),
+    "HD-OVD": Run(("config.yaml",), "shapes_ov_frcnn", "notebooks_tiny_hdovd", TINY),
+    "base-only": Run(("config.yaml",), "shapes_ov_baseline", "notebooks_tiny_baseline", TINY, tuple(BASELINE)),
 }
 ADAMIXER_RUNS = {
-    "AdaMixer": Run("configs/shapes_ov_adamixer.yaml", "shapes_ov_adamixer", "notebooks_tiny_adamixer",
+    "AdaMixer": Run(("config.yaml", "configs/shapes_ov_adamixer.yaml"), "shapes_ov_adamixer", "notebooks_tiny_adamixer",
                     TINY_ADAMIXER),
 }
 STUDENTS = {"faster_rcnn": RUNS, "adamixer": ADAMIXER_RUNS}  # get(student=...)
@@ -117,8 +117,8 @@ class Artefacts:
         return json.loads((self.checkpoints[label].parent / "metrics.json").read_text())
 
 
-def _config(overrides: list[str], config_file: str = "config.yaml") -> config.Config:
-    return config.load_config(REPO / config_file, overrides)
+def _config(overrides: list[str], config_files=("config.yaml",)) -> config.Config:
+    return config.load_config([REPO / f for f in config_files], overrides)
 
 
 def _finished(cfg: config.Config) -> bool:
@@ -131,7 +131,7 @@ def default_artefacts(runs: dict = RUNS) -> Artefacts | None:
     from knowledge import extract
     from shapes_ov import world
 
-    main = _config([], next(iter(runs.values())).config_file)
+    main = _config([], next(iter(runs.values())).config_files)
     try:
         built = world.world_is_built(main) and extract.knowledge_is_built(main) and _finished(main)
     except ValueError:  # a world built from another config
@@ -142,7 +142,7 @@ def default_artefacts(runs: dict = RUNS) -> Artefacts | None:
         print(f"artefacts: {Path(main.run.out_dir) / main.run.name} was trained with config keys this "
               f"code no longer has; retrain it to use the default artefacts")
         return None
-    cfgs = {label: _config([f"run.name={r.default_name}", *r.extra], r.config_file)
+    cfgs = {label: _config([f"run.name={r.default_name}", *r.extra], r.config_files)
             for label, r in runs.items()}
     ckpts = {label: Path(c.run.out_dir) / c.run.name / "ckpt.pth" for label, c in cfgs.items()
              if _finished(c) and _run_loads(c)}
@@ -181,7 +181,7 @@ def tiny_artefacts(runs: dict = RUNS, log=print) -> Artefacts:
     """The tiny artefacts of ``runs``, built on first use through train.py (the first run also
     builds the tiny world, teacher and knowledge: a few minutes on 2 cores)."""
     fingerprint = Path(TINY_ROOT) / "notebooks_tiny.json"  # the resolved config of every tiny run built
-    overrides = {label: (r.config_file, [*r.tiny, f"run.name={r.tiny_name}", *r.extra])
+    overrides = {label: (r.config_files, [*r.tiny, f"run.name={r.tiny_name}", *r.extra])
                  for label, r in runs.items()}
     wanted = {label: config.config_to_dict(_config(o, file)) for label, (file, o) in overrides.items()}
     Path("data").mkdir(exist_ok=True)
@@ -211,7 +211,7 @@ def tiny_artefacts(runs: dict = RUNS, log=print) -> Artefacts:
                 continue
             shutil.rmtree(Path(cfg.run.out_dir) / cfg.run.name, ignore_errors=True)  # retrain it
             log_path = Path(TINY_ROOT) / f"build_{cfg.run.name}.log"
-            cmd = [sys.executable, "train.py", "--config", file, "--set", *o]
+            cmd = [sys.executable, "train.py", "--config", *file, "--set", *o]
             log(f"building the tiny artefacts: {label} run (log: {log_path}) ...")
             start = time.time()
             with open(log_path, "w") as out:
@@ -239,9 +239,9 @@ def get(kind: str | None = None, student: str = "faster_rcnn") -> Artefacts:
         if art is not None:
             return art
         if kind == "default":
-            file = next(iter(runs.values())).config_file
+            files = " ".join(next(iter(runs.values())).config_files)
             raise FileNotFoundError(f"the default artefacts are missing: run `torchrun "
-                                    f"--nproc_per_node=1 train.py --config {file}` first")
+                                    f"--nproc_per_node=1 train.py --config {files}` first")
     return tiny_artefacts(runs)
 
 

@@ -3,7 +3,8 @@
 What is checked
 ---------------
 * Every shipped config (config.yaml and configs/*.yaml) lists exactly the keys where its resolved
-  tree differs from ``Config()``: no listed key equals its default, no key differs unlisted.
+  tree differs from the files it is layered on (``LAYERED_ON``; none: ``Config()``): no listed key
+  repeats a value it already has, no key differs unlisted. Later files override earlier ones.
 * The defaults are the paper's OV-COCO settings (spot checks, including the nine values where
   config.py and config.yaml used to disagree); config.yaml is the Shapes-OV world.
 * ``class_names`` is base then novel; the resolved tree survives the dict and YAML round trips.
@@ -19,6 +20,8 @@ import config
 from conftest import REPO
 
 SHIPPED = [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
+# The files a variant is used on top of (its header's command): the Shapes-OV variants on config.yaml.
+LAYERED_ON = {"shapes_ov_adamixer.yaml": [REPO / "config.yaml"]}
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -34,9 +37,10 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_config_lists_exactly_its_differences(path):
+    below = LAYERED_ON.get(path.name, [])
     listed = set(_leaves(yaml.safe_load(path.read_text()) or {}))
-    resolved = _leaves(config.config_to_dict(config.load_config(path)))
-    default = _leaves(config.config_to_dict(config.Config()))
+    resolved = _leaves(config.config_to_dict(config.load_config([*below, path])))
+    default = _leaves(config.config_to_dict(config.load_config(below)))
     differing = {k for k in default if resolved[k] != default[k]}
     assert not listed - differing, f"{path.name} repeats defaults: {sorted(listed - differing)}"
     assert not differing - listed, f"{path.name} differs unlisted: {sorted(differing - listed)}"
@@ -65,6 +69,27 @@ def test_config_yaml_is_the_shapes_ov_world():
     assert config.class_names(cfg)[-4:] == ["ring", "crescent", "rectangle", "trapezoid"]
     assert cfg.model.backbone == "resnet18" and cfg.train.optimizer == "adamw"
     assert cfg.model.pseudo_box_regression and cfg.teacher.pseudo_min_side_px == 5.0
+
+
+def test_later_files_override_earlier_ones_key_by_key(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train:\n  lr: 0.5\n  max_steps: 7\nmodel:\n  backbone: resnet18\n")
+    b.write_text("train:\n  lr: 0.25\n")
+    cfg = config.load_config([a, b], ["train.max_steps=9"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.model.backbone) == (0.25, 9, "resnet18")
+    assert config.load_config([b, a]).train.lr == 0.5  # the order on the command line decides
+    assert config.load_config(a).train.max_steps == 7  # one path as before
+    b.write_text("train:\n  lr: [1]\n")
+    with pytest.raises(config.ConfigError, match=r"b\.yaml.*train\.lr"):
+        config.load_config([a, b])  # the error names the file that holds the key
+
+
+def test_the_adamixer_variant_is_config_yaml_plus_the_student():
+    cfg = config.load_config([REPO / "config.yaml", REPO / "configs" / "shapes_ov_adamixer.yaml"])
+    world = config.load_config(REPO / "config.yaml")
+    assert cfg.model.detector == "adamixer" and cfg.model.returned_layers == [1, 2, 3, 4]
+    for section in ("data", "world", "clip_pretrain", "teacher"):  # the same files serve both
+        assert getattr(cfg, section) == getattr(world, section), section
 
 
 def test_class_names_are_base_then_novel():
