@@ -447,21 +447,23 @@ def main(argv=None):
         return export.main(argv)
     parser = argparse.ArgumentParser(
         prog="predict.py", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s CKPT --images PATH ... [options]\n       %(prog)s export CKPT --onnx "
+              "OUT.onnx | convert OLD.pth NEW.pth",
         description="Detect any vocabulary on your images with a trained checkpoint.")
-    parser.add_argument("checkpoint", help="train.py's ckpt.pth, or one written by --save-vocabulary")
+    parser.add_argument("checkpoint", metavar="CKPT", help="train.py's ckpt.pth or a --save-vocabulary file")
     parser.add_argument("--images", nargs="+", metavar="PATH", help="files, folders (recursive), quoted globs")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--vocabulary", help='names to detect, "cat,dog,kite" (default: the checkpoint\'s)')
+    group.add_argument("--vocabulary", metavar="NAMES", help='"cat,dog,kite" (default: the checkpoint\'s)')
     group.add_argument("--vocabulary-file", metavar="FILE", help="names to detect, one per line")
     parser.add_argument("--score-thresh", type=float, metavar="S",
-                        help="keep detections >= S (default: the checkpoint's eval.vis_score_thresh)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, auto (default: the checkpoint's run.device)")
+                        help="keep scores >= S (default: eval.vis_score_thresh)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, auto (default: run.device)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per step (4)")
     parser.add_argument("--out", default="out", metavar="DIR", help="output folder (out/)")
     parser.add_argument("--no-pictures", action="store_true", help="write the JSON files only")
-    parser.add_argument("--save-vocabulary", metavar="OUT", help="write the checkpoint with this vocabulary")
+    parser.add_argument("--save-vocabulary", metavar="F", help="write the checkpoint with this vocabulary")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="KEY=VALUE", help="override a value of the checkpoint's config")
+                        metavar="K=V", help="override a value of the checkpoint's config")
     args = parser.parse_args(argv)
     if not args.images and not args.save_vocabulary:
         parser.error("give --images PATH ... (and/or --save-vocabulary OUT)")
