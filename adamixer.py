@@ -1,13 +1,12 @@
-"""The AdaMixer student: ResNet + FPN with GroupNorm, a DDQ-style dense query generator and six
-hand-written AdaMixer decoder stages, plus the two-step Hungarian matching of its queries.
+"""The AdaMixer student: ResNet + FPN with GroupNorm, the dense query generator of
+query_generator.py, and six hand-written AdaMixer decoder stages; plus ``assign_queries``, which
+says which target each decoder query is trained on (docs/METHOD.md §2, §3.1, §6; docs/ADAMIXER.md,
+corrections C1-C8 checked against the official code).
 
-References: METHOD.md §2 (AdaMixer variant), §3.1 (visual/text projector), §6 (loss map);
-ADAMIXER.md (corrections C1-C8, checked against the official code). Official files (HD-OVD):
-`mmdet/models/detectors/query_based.py`, `dense_heads/prompt_anchor_head2.py` (generator),
-`roi_heads/adamixer_decoder_prompt.py`, `roi_heads/bbox_heads/{adamixer_decoder_stage_prompt.py,
-sampling_3d_operator.py, adaptive_mixing_operator.py}` (decoder), `core/bbox/assigners/
-{topk_hungarian_assigner.py, task_aligned_assigner.py, hungarian_assigner.py}` (matching),
-`losses/gfocal_loss.py` (QFL); MCG-NJU/AdaMixer for the decoder it extends.
+Official files (iSEE-Laboratory/HD-OVD, mmdet/models/): `detectors/query_based.py`,
+`roi_heads/adamixer_decoder_prompt.py` (stages, targets, losses, ``simple_test``), `roi_heads/
+bbox_heads/{adamixer_decoder_stage_prompt, sampling_3d_operator, adaptive_mixing_operator}.py`;
+MCG-NJU/AdaMixer for the decoder it extends.
 
 Contract
 --------
@@ -19,40 +18,58 @@ Contract
   ``boxes`` [B, N, 4] xyxy (refined; they carry the gradient of that stage's regressor),
   ``obj_logits`` [B, N] class-agnostic objectness logits, ``embed`` [B, N, T] the raw visual-space
   embedding f of each query; ``image_emb`` [B, T] (raw H3 student, METHOD §5); the generator's
-  unweighted losses ``loss_query_qfl``, ``loss_query_giou`` (main one-to-one branch),
-  ``loss_query_aux_qfl``, ``loss_query_aux_giou`` (aux one-to-many branch).
+  unweighted ``loss_query_{qfl, giou, aux_qfl, aux_giou}`` (query_generator.py).
 ``AdaMixerOV.predict(images) -> dict`` (inference): the last stage's ``boxes`` (list of B [N, 4],
   clipped), ``roi_text_emb`` = f_T and ``roi_vis_emb`` = f_R ([B·N, T] each), ``image_sizes``: the
-  keys of ``detector.FasterRCNNOV.predict`` that ``hdovd.HDOVD.detections`` reads.
+  keys of ``detector.FasterRCNNOV.predict`` that ``hdovd.HDOVD.detections`` reads. Each image is
+  decoded alone (see "Batch padding").
 * ``AdaMixerOV.projector``: ``text_space(f)`` = f_T for the classifier, ``distill_space(f)`` = f_R
   for the text-space distillation and the test ensemble (METHOD §3.1).
-* ``match_queries(boxes, obj_logits, gt_boxes, pseudo_boxes, image_size) -> [N]`` (METHOD §2.4).
-The losses of the decoder stages and the distillation are joined in ``hdovd.HDOVDAdaMixer``.
+``assign_queries(stage, roi_targets, num_gt, num_pseudo, image_sizes) -> dict`` of B·N rows, the
+  fields of ``detector.FasterRCNNOV.sample_rois``: ``labels`` (target label, −1 unmatched),
+  ``cls_weight``, ``regress``, ``target_index`` (into the batch's concatenated targets, −1), plus
+  ``iou`` and ``target_boxes`` (METHOD §2.4, §2.5). ``stage_normaliser(num_gt, device)``: N of the
+  stage losses. The losses themselves are joined in ``hdovd.HDOVDAdaMixer``.
 All boxes are xyxy absolute pixels of the resized image; query positions are ``xyzr`` (box_ops.py).
 
-Letters: B images, N queries, D content width (= C, the FPN width), G groups, P sampling points per
-group (P_in), O mixed points (P_out), L levels (P2-P5 for the decoder), H heads, T CLIP width,
-K dense points of the generator (all its levels), M targets of one image.
+Letters: B images, N queries, D content width (= C, the FPN width), G groups, P sampling points
+per group (P_in), O mixed points (P_out), L levels (P2-P5), H heads, T CLIP width, M targets.
+
+Batch padding (issue 23)
+------------------------
+The GroupNorm after each FPN level (and the official ``objectness_norm: positions``) takes its
+statistics over the whole padded map, so an image's features depend on its batch (one image alone
+vs beside a portrait image: all 16 query boxes moved, up to 93 px). Of statistics over each
+image's valid region and the official recipe, this file takes the official recipe: it is what the
+released numbers and a converted official checkpoint were computed with, and it adds no operator
+the official model never saw. ``predict`` decodes each image alone, padded to its own multiple of
+32 (official test: one image per GPU); tests/test_adamixer.py holds its boxes beside a portrait
+image to within 1e-3 px of its boxes alone. **Deviation in training:** the official code groups
+training batches by aspect ratio (mmdet ``GroupSampler``); train.py's ``batches`` is one plain
+permutation (exact resume, the same images for N processes and one), so a COCO image beside one of
+the other orientation is normalised with padding. Shapes-OV images are all 128×128 (no padding, no
+effect); on COCO the effect is not measured.
 
 Deviations (each is a config key in ``adamixer:`` whose default is the official behaviour)
-* ``fill_queries`` (C8): the official code needs ≥ N NMS survivors per image and breaks (stack of
-  ragged tensors) when there are fewer. At 128 px the generator has only 340 points, so Shapes-OV
-  turns on filling with the best suppressed candidates; off, fewer survivors raise a clear error.
-* ``objectness_norm`` (C1): official "positions" L2-normalises each objectness channel over the H·W
-  positions of its level, so a score depends on the whole map and its scale on the map size (≈8×
-  larger at P6 than at P3 in a 128 px image, with one shared a, b). "channels" is the per-location
-  cosine that METHOD §2.2 describes; Shapes-OV uses it (measured, LOG.md).
+* ``fill_queries`` (C8), ``objectness_norm`` (C1): the generator's, see query_generator.py.
 * ``pe_xy_divisor`` (official 1000): at 128 px, x/1000 ≤ 0.13 leaves the xy encoding almost flat.
 * Widths and counts (``num_queries``, ``out_points``, ``ffn_dim``, ``num_heads``, FPN width) are
-  smaller for 2 CPU cores (ADAMIXER.md §3.1); the learning rate is the project's from-scratch one.
-Not configurable (no effect on the numbers): the 3D sampling samples all L levels in ONE
-``grid_sample`` call on a zero-separated canvas of the levels (the official code loops over the
-levels); the test ``test_sampling_3d_equals_naive_loop`` checks that both give the same values.
-With ImageNet weights the backbone's BatchNorm keeps the file's statistics and trains only its affine
-(detector.build_backbone; official: SyncBN fully trained, ``frozen_stages=-1``, for which the COCO
-config sets ``model.trainable_layers=5``). The objectness MLP of a
-stage is D→D/2→1 (official 256→128→1). A square P_in would get a regular sampling grid at init in
-the official code; here the offsets always start uniform in ±0.5 (official P_in = 32 is not square).
+  smaller for 2 CPU cores (docs/ADAMIXER.md §3.1); the learning rate is the project's from-scratch one.
+Not configurable:
+* Test boxes are clipped to the image (official ``simple_test`` does not), as in
+  ``FasterRCNNOV.predict``, so ``hdovd.HDOVD.postprocess`` gets the same boxes from both students.
+  It cannot lower an IoU with a ground-truth box inside the image, but can raise the overlap of two
+  boxes that cross the border (class-wise NMS); the effect on AP is not measured.
+* With ImageNet weights the backbone's BatchNorm keeps the file's statistics and trains only its
+  affine (detector.build_backbone; official: SyncBN fully trained, ``frozen_stages=-1``, for which
+  the COCO config sets ``model.trainable_layers=5``: all stages and the stem's ``bn1`` train).
+* A square P_in would get a regular sampling grid at init in the official code; here the offsets
+  always start uniform in ±0.5 (official P_in = 32 is not square).
+No effect on the numbers: the 3D sampling reads all L levels in ONE ``grid_sample`` on a zero-
+separated canvas (``FeatureAtlas``; official: a loop over levels), exactly 0 (value and gradient)
+wherever the official sampling is: tests/test_adamixer.py holds it to ``sample_3d_reference`` at
+COCO map sizes after the LayerNorms of adaptive mixing. Matched to the official code: the stage
+normaliser N and the generator's Σ quality are means over processes (``reduce_mean``), ≥ 1.
 """
 from __future__ import annotations
 
@@ -61,16 +78,17 @@ import math
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import (box_iou, clip_boxes_to_image, generalized_box_iou,
-                             generalized_box_iou_loss, nms)
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 import box_ops
 import detector as detector_lib
+from query_generator import PRIOR_PROB, DenseQueryGenerator, match_queries, mean_over_processes
 
-PRIOR_PROB = 0.01  # focal-loss prior of every objectness bias (mmcv bias_init_with_prob(0.01))
-MATCH_COST = {"focal": 2.0, "l1": 5.0, "giou": 2.0}  # HungarianAssigner / TopkHungarianAssigner costs
+# Classification weights of the matched queries (official AdaMixerDecoderPrompt targets)
+POS_MIN_IOU = 0.4   # a positive whose box has a lower IoU with its target gets weight 0
+NEG_MAX_IOU = 0.7   # a negative overlapping any matched target more than this gets weight 0
+NEG_WEIGHT = 0.5    # the weight of the other negatives
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,15 +152,13 @@ class FeatureAtlas:
 
     Level l occupies rows [1, 1 + H_l) and columns [x0_l, x0_l + W_l) of a zero canvas
     (B, C, 2 + max H_l, 1 + Σ (W_l + 1)); every level is framed by at least one zero pixel. A point
-    in level-l pixel coordinates u (official grid_sample: align_corners=False, so
-    ``u = x / stride_l − 0.5``) is clamped to [−1, W_l] before it is moved onto the canvas: beyond the
-    level's border the bilinear kernel then reads only the zero frame. That alone is the official
-    per-level ``padding_mode='zeros'`` only up to round-off: the canvas coordinates are shared by all
-    levels, so a point outside a level still reads ~1e-5 of its border pixel, and the affine-free
-    LayerNorms of adaptive mixing blow that up to O(1) for a group whose points all fall outside.
-    ``sample`` therefore multiplies each level's sample by the official in-map decision (see there),
-    which makes value and gradient exactly 0 wherever the official per-level sampling is 0. Built
-    once per forward and shared by the query generator and all decoder stages.
+    in level-l pixel coordinates u (official grid_sample: align_corners=False, so ``u = x / s_l −
+    0.5``) is clamped to [−1, W_l] before it is moved onto the canvas, so beyond the level's border
+    the kernel reads the zero frame; but only up to round-off (~1e-5 of a border pixel, which the
+    affine-free LayerNorms of adaptive mixing blow up to O(1) for a group wholly outside). ``sample``
+    therefore multiplies each level by the official in-map decision: value and gradient are exactly
+    0 wherever the official per-level sampling is. Built once per forward, shared by the generator
+    and all decoder stages.
     """
 
     def __init__(self, levels: list[torch.Tensor], strides: list[int]):
@@ -325,275 +341,6 @@ class DecoderStage(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense query generator (DDQ-style, METHOD §2.2)
-# ----------------------------------------------------------------------------------------------
-
-def quality_focal_loss(prob: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
-    """QFL on probabilities (official ``quality_focal_loss_with_prob``): ``Σ BCE(p, q)·|q − p|^β``.
-
-    ``prob`` and ``target`` quality ``q`` have the same shape (negatives have q = 0); summed.
-    """
-    # BCE written out (log clamped at −100 as PyTorch does): F.binary_cross_entropy refuses autocast
-    bce = -(target * torch.log(prob).clamp(min=-100) + (1 - target) * torch.log1p(-prob).clamp(min=-100))
-    return (bce * (target - prob).abs().pow(beta)).sum()
-
-
-def focal_cost(logits: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
-               eps: float = 1e-12) -> torch.Tensor:
-    """mmdet ``FocalLossCost`` of calling each query an object: pos − neg focal terms, (N,) → (N,)."""
-    p = logits.sigmoid()
-    pos = -alpha * (1 - p) ** gamma * torch.log(p + eps)
-    neg = -(1 - alpha) * p ** gamma * torch.log(1 - p + eps)
-    return pos - neg
-
-
-def match_cost(boxes: torch.Tensor, obj_logits: torch.Tensor, targets: torch.Tensor,
-               image_size: tuple[int, int]) -> torch.Tensor:
-    """``2·FocalCost + 5·L1(xyxy / image size) − 2·GIoU`` (METHOD §2.2, §2.4):
-    boxes (N, 4), logits (N,), targets (M, 4) → cost (N, M)."""
-    h, w = image_size
-    scale = boxes.new_tensor([w, h, w, h])
-    return (MATCH_COST["focal"] * focal_cost(obj_logits)[:, None]
-            + MATCH_COST["l1"] * torch.cdist(boxes / scale, targets / scale, p=1)
-            - MATCH_COST["giou"] * generalized_box_iou(boxes, targets))
-
-
-def hungarian(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the minimum-cost one-to-one assignment (scipy ``linear_sum_assignment``)."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
-    return (torch.as_tensor(rows, dtype=torch.long, device=cost.device),
-            torch.as_tensor(cols, dtype=torch.long, device=cost.device))
-
-
-def task_aligned_assign(prob: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor,
-                        targets: torch.Tensor, topk: int = 8, beta: float = 6.0) -> torch.Tensor:
-    """TOOD's TaskAlignedAssigner, class-agnostic (aux branch, METHOD §2.2).
-
-    Per target, the top-k of the K points by ``m = s·IoU^β`` (s the point's probability, IoU of its
-    box [K, 4] with the target) are positive if m > 0 and the point [K, 2] lies inside the target
-    (margin 0.01); a point claimed by several targets keeps the one its box overlaps most.
-    Returns ``assigned`` [K]: −1 or the target index.
-    """
-    iou = box_iou(boxes, targets)  # (K, M)
-    metric = prob[:, None] * iou ** beta  # (K, M)
-    cand = metric.topk(min(topk, len(metric)), dim=0).indices  # (k, M)
-    cols = torch.arange(len(targets), device=iou.device).expand_as(cand)  # (k, M)
-    pts = points[cand]  # (k, M, 2)
-    margin = torch.stack([pts[..., 0] - targets[:, 0], pts[..., 1] - targets[:, 1],
-                          targets[:, 2] - pts[..., 0], targets[:, 3] - pts[..., 1]]).amin(0)  # (k, M)
-    positive = torch.zeros_like(iou, dtype=torch.bool)  # (K, M)
-    positive[cand, cols] = (margin > 0.01) & (metric[cand, cols] > 0)
-    best_iou, best = torch.where(positive, iou, torch.full_like(iou, -1.0)).max(dim=1)  # (K,)
-    return torch.where(best_iou >= 0, best, torch.full_like(best, -1))
-
-
-def normalised_quality(assigned: torch.Tensor, metric: torch.Tensor, iou: torch.Tensor,
-                       num_targets: int) -> torch.Tensor:
-    """QFL target of each point: ``m / max_t(m) · max_t(IoU)`` over the points of its target t,
-    0 for unassigned points (official ``AuxLoss._get_*target_single``)."""
-    pos = assigned >= 0
-    quality = torch.zeros_like(metric)
-    if pos.any():
-        idx = assigned[pos]
-        max_m = metric.new_zeros(num_targets).scatter_reduce(0, idx, metric[pos], "amax")
-        max_iou = iou.new_zeros(num_targets).scatter_reduce(0, idx, iou[pos], "amax")
-        quality[pos] = metric[pos] / (max_m[idx] + 1e-7) * max_iou[idx]
-    return quality
-
-
-class PointHead(nn.Module):
-    """One sibling head of the generator (official ``StaRPNHead``), shared over levels.
-
-    ``forward(feats list of (B, C, H_l, W_l), text (T,)) -> (prob (B, K), ltrb (B, K, 4))``:
-    objectness probabilities ``sigmoid(a·cos(feat, t_obj) + b)`` (the cosine normalised as
-    ``objectness_norm`` says, C1) and box distances (l, t, r, b) in stride units,
-    ``Scale_l(exp(conv))``. K runs over levels, then rows, then columns.
-    """
-
-    def __init__(self, channels: int, text_dim: int, num_levels: int, objectness_norm: str,
-                 scale_init: float = 1.0):
-        super().__init__()
-        if objectness_norm not in ("positions", "channels"):
-            raise ValueError(f"adamixer.objectness_norm={objectness_norm!r}: use 'positions' (official, "
-                             f"ADAMIXER.md C1) or 'channels' (per-location cosine)")
-        self.objectness_norm = objectness_norm
-        self.reg = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(channels, 4, 1))
-        self.obj = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(channels, text_dim, 1))
-        for conv in (*self.reg[::2], *self.obj[::2]):  # C3: Normal(0.01) then xavier: xavier, bias 0
-            nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
-        self.scales = nn.Parameter(torch.ones(num_levels))  # per-level Scale, init 1
-        self.obj_scale = nn.Parameter(torch.tensor(float(scale_init)))  # a (official init 1)
-        self.obj_bias = nn.Parameter(torch.tensor(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)))  # b
-
-    def forward(self, feats: list[torch.Tensor], text: torch.Tensor):
-        probs, ltrbs = [], []
-        for level, x in enumerate(feats):
-            ltrb = self.reg(x).float().exp() * self.scales[level]  # (B, 4, H, W)
-            ltrbs.append(ltrb.flatten(2).transpose(1, 2))  # (B, H·W, 4)
-            obj = self.obj(x).float().flatten(2)  # (B, T, H·W)
-            # C1: the official F.normalize(dim=1) on (B, H·W, T) normalises over positions
-            obj = F.normalize(obj, dim=2 if self.objectness_norm == "positions" else 1)
-            cos = (obj * text[:, None]).sum(dim=1)  # (B, H·W); elementwise: stays float32 under autocast
-            probs.append(torch.sigmoid(self.obj_scale * cos + self.obj_bias))
-        return torch.cat(probs, dim=1), torch.cat(ltrbs, dim=1)  # (B, K), (B, K, 4)
-
-
-class DenseQueryGenerator(nn.Module):
-    """DDQ-style query generator on P3-P6 (METHOD §2.2; official ``PromptAnchorHead2``).
-
-    ``forward(feats P3..P6, atlas of P2..P5, image_sizes, targets=None) -> dict`` with ``boxes``
-    [B, N, 4] xyxy (detached), ``content`` [B, N, D] (``LayerNorm(sample3d(P2..P5, box centre,
-    z))``, not detached) and, with targets, the four unweighted ``loss_query_*`` terms.
-    """
-
-    def __init__(self, channels: int, strides: list[int], objectness_text: torch.Tensor,
-                 shuffle_channels: int, num_queries: int, pre_nms_top_k: int, nms_iou: float,
-                 fill_queries: bool, objectness_norm: str, objectness_scale_init: float = 1.0,
-                 tal_topk: int = 8, tal_beta: float = 6.0):
-        super().__init__()
-        if channels - 2 * shuffle_channels <= 0:
-            raise ValueError(f"adamixer.shuffle_channels={shuffle_channels} leaves no own channels of "
-                             f"{channels}; use at most a quarter of them (official 64 of 256)")
-        self.strides, self.shuffle = list(strides), shuffle_channels
-        self.num_queries, self.pre_nms_top_k, self.nms_iou = num_queries, pre_nms_top_k, nms_iou
-        self.fill_queries, self.tal_topk, self.tal_beta = fill_queries, tal_topk, tal_beta
-        self.register_buffer("objectness_text", F.normalize(objectness_text.float(), dim=-1))  # (T,)
-        self.tower1, self.tower2 = (nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                                  nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
-                                    for _ in range(2))
-        for tower in (self.tower1, self.tower2):  # C3: mmcv ConvModule init
-            nn.init.kaiming_normal_(tower[0].weight, mode="fan_out", nonlinearity="relu")
-        text_dim = objectness_text.shape[-1]
-        heads = (channels, text_dim, len(strides), objectness_norm, objectness_scale_init)
-        self.main_head = PointHead(*heads)  # one-to-one
-        self.aux_head = PointHead(*heads)  # one-to-many
-        self.content_norm = nn.LayerNorm(channels)  # official token_norm
-
-    def cross_level_shuffle(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Level l ← [own[:, :R]; up(level l+1)[:, R+S:]; up(level l−1)[:, R:R+S]], R = C − 2S, with
-        the neighbours clamped to the pyramid and resized bilinearly (align_corners=True)."""
-        r, s = feats[0].shape[1] - 2 * self.shuffle, self.shuffle
-        out = []
-        for lvl, x in enumerate(feats):
-            upper, lower = feats[min(lvl + 1, len(feats) - 1)], feats[max(lvl - 1, 0)]
-            size = x.shape[-2:]
-            out.append(torch.cat([
-                x[:, :r],
-                F.interpolate(upper[:, r + s:], size=size, mode="bilinear", align_corners=True),
-                F.interpolate(lower[:, r:r + s], size=size, mode="bilinear", align_corners=True)], dim=1))
-        return out
-
-    def grid_points(self, feats: list[torch.Tensor]):
-        """Cell centres ``((j + 0.5)·s, (i + 0.5)·s)`` of every level: points (K, 2), level ids (K,)."""
-        points, levels = [], []
-        for lvl, (x, s) in enumerate(zip(feats, self.strides)):
-            h, w = x.shape[-2:]
-            ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device),
-                                    indexing="ij")
-            points.append(torch.stack([xs, ys], dim=-1).reshape(-1, 2).float().add(0.5).mul(s))  # (H·W, 2)
-            levels.append(torch.full((h * w,), lvl, device=x.device))
-        return torch.cat(points), torch.cat(levels)
-
-    def select(self, prob: torch.Tensor, boxes: torch.Tensor, levels: torch.Tensor, image: int):
-        """Per level the top ``pre_nms_top_k`` points, class-agnostic NMS, then the best N
-        (METHOD §2.2). Returns (query indices [N], NMS survivor indices) into the K points."""
-        cand = []
-        for lvl in range(len(self.strides)):
-            idx = torch.where(levels == lvl)[0]
-            cand.append(idx[prob[idx].topk(min(self.pre_nms_top_k, len(idx))).indices])
-        cand = torch.cat(cand)  # (K',) candidate point indices
-        survivors = cand[nms(boxes[cand], prob[cand], self.nms_iou)]  # sorted by score
-        queries = survivors[: self.num_queries]
-        if len(queries) < self.num_queries:
-            if not self.fill_queries:
-                raise ValueError(
-                    f"image {image}: only {len(survivors)} query boxes survive NMS, fewer than "
-                    f"adamixer.num_queries={self.num_queries} (ADAMIXER.md C8); lower num_queries or "
-                    f"set adamixer.fill_queries=true")
-            rest = cand[~torch.isin(cand, survivors)]  # suppressed candidates, best first
-            rest = rest[prob[rest].argsort(descending=True)][: self.num_queries - len(queries)]
-            if len(queries) + len(rest) < self.num_queries:
-                raise ValueError(f"image {image}: the generator has only {len(cand)} candidate points, "
-                                 f"fewer than adamixer.num_queries={self.num_queries}")
-            queries = torch.cat([queries, rest])
-        return queries, survivors
-
-    def losses(self, main, aux, points, survivors, targets, image_sizes) -> dict:
-        """Main branch: one candidate per target among the NMS survivors (C7) by Hungarian matching
-        with ``match_cost``; aux branch: ``task_aligned_assign`` on all points. Both: QFL (β 2) on
-        every candidate with the normalised quality as target, plus ``1 − GIoU`` on the positives
-        weighted by their quality; each normalised by its batch sum of quality (≥ 1)."""
-        sums = {k: [] for k in ("qfl", "giou", "aux_qfl", "aux_giou", "norm", "aux_norm")}
-        for i, tgt in enumerate(targets):
-            tgt = tgt.float()
-            # main (one-to-one) on the survivors of image i
-            prob, boxes = main[0][i, survivors[i]], main[1][i, survivors[i]]
-            assigned = torch.full_like(survivors[i], -1)
-            if len(tgt):
-                with torch.no_grad():
-                    logit = torch.logit(prob.detach(), eps=1e-5)  # official inverse_sigmoid
-                    rows, cols = hungarian(match_cost(boxes.detach(), logit, tgt, image_sizes[i]))
-                assigned[rows] = cols
-            self._branch(sums, "", prob, boxes, assigned, tgt, score=prob.detach())
-            # aux (one-to-many) on all points of image i
-            prob, boxes = aux[0][i], aux[1][i]
-            if len(tgt):
-                with torch.no_grad():
-                    assigned = task_aligned_assign(prob.detach(), boxes.detach(), points, tgt,
-                                                   self.tal_topk, self.tal_beta)
-            else:
-                assigned = torch.full((len(prob),), -1, dtype=torch.long, device=prob.device)
-            self._branch(sums, "aux_", prob, boxes, assigned, tgt, score=prob.detach())
-        out = {}
-        for branch in ("", "aux_"):
-            norm = torch.stack(sums[branch + "norm"]).sum().clamp(min=1.0)
-            out[f"loss_query_{branch}qfl"] = torch.stack(sums[branch + "qfl"]).sum() / norm
-            out[f"loss_query_{branch}giou"] = torch.stack(sums[branch + "giou"]).sum() / norm
-        return out
-
-    def _branch(self, sums, prefix, prob, boxes, assigned, tgt, score):
-        """QFL and quality-weighted GIoU of one branch in one image, appended to ``sums``."""
-        pos = assigned >= 0
-        with torch.no_grad():
-            iou = torch.zeros_like(prob)
-            if pos.any():
-                iou[pos] = box_iou(boxes[pos].detach(), tgt[assigned[pos]]).diagonal()
-            metric = score * iou ** self.tal_beta  # m = s·IoU^6 of each assigned pair
-            quality = normalised_quality(assigned, metric, iou, len(tgt))  # (K',)
-        sums[prefix + "qfl"].append(quality_focal_loss(prob, quality))
-        giou = generalized_box_iou_loss(boxes[pos], tgt[assigned[pos]], reduction="none")  # (K+,)
-        giou = (giou * quality[pos]).sum()
-        sums[prefix + "giou"].append(giou + boxes.sum() * 0.0)  # keep the graph when there is no positive
-        sums[prefix + "norm"].append(quality.sum())
-
-    def forward(self, feats: list[torch.Tensor], atlas: FeatureAtlas,
-                image_sizes: list[tuple[int, int]], targets: list[torch.Tensor] | None = None) -> dict:
-        feats = [self.tower2(x) for x in self.cross_level_shuffle([self.tower1(x) for x in feats])]
-        points, levels = self.grid_points(feats)  # (K, 2), (K,)
-        stride_of = torch.tensor(self.strides, dtype=torch.float32, device=points.device)[levels]  # (K,)
-
-        def decode(head):
-            prob, ltrb = head(feats, self.objectness_text)  # (B, K), (B, K, 4)
-            ltrb = ltrb * stride_of[:, None]  # distances in pixels
-            return prob, torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, K, 4)
-
-        main = decode(self.main_head)
-        picks = [self.select(main[0][i].detach(), main[1][i].detach(), levels, i)
-                 for i in range(len(feats[0]))]
-        out = {"boxes": torch.stack([main[1][i, q].detach() for i, (q, _) in enumerate(picks)])}  # (B, N, 4)
-        if targets is not None:
-            out.update(self.losses(main, decode(self.aux_head), points, [s for _, s in picks],
-                                   targets, image_sizes))
-        xyz = box_ops.xyxy_to_xyzr(out["boxes"])[..., :3]  # (B, N, 3) centre and scale
-        content = atlas.sample(xyz[:, :, None, None])  # (B, N, 1, 1, C): one point, one group
-        out["content"] = self.content_norm(content[:, :, 0, 0])  # (B, N, D)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
 # The student
 # ----------------------------------------------------------------------------------------------
 
@@ -659,36 +406,72 @@ class AdaMixerOV(nn.Module):
     def predict(self, images: list[torch.Tensor]) -> dict:
         """Inference outputs of the last stage, under the keys ``hdovd.HDOVD.detections`` reads:
         ``boxes`` list of B [N, 4] clipped to their image, ``roi_text_emb`` [B·N, T] = f_T (classifier)
-        and ``roi_vis_emb`` [B·N, T] = f_R (second ensemble member, METHOD §2.6), ``image_sizes``."""
-        out = self.decode(images)
-        last = out["stages"][-1]
-        f = last["embed"].flatten(0, 1)  # (B·N, T)
-        boxes = [clip_boxes_to_image(b.float(), s) for b, s in zip(last["boxes"], out["image_sizes"])]
+        and ``roi_vis_emb`` [B·N, T] = f_R (second ensemble member, METHOD §2.6), ``image_sizes``.
+        Each image is decoded alone (official test: one image per GPU): its GroupNorm statistics
+        never see another image's padding (module docstring, "Batch padding")."""
+        boxes, embeds, sizes = [], [], []
+        for image in images:
+            last = self.decode([image])["stages"][-1]
+            size = tuple(image.shape[-2:])
+            boxes.append(clip_boxes_to_image(last["boxes"][0].float(), size))  # (N, 4)
+            embeds.append(last["embed"][0])  # (N, T)
+            sizes.append(size)
+        f = torch.cat(embeds)  # (B·N, T), image-major as FasterRCNNOV.predict's rows
         return {"boxes": boxes,
                 "roi_text_emb": self.projector.text_space(f), "roi_vis_emb": self.projector.distill_space(f),
-                "image_sizes": out["image_sizes"]}
+                "image_sizes": sizes}
 
 
-def match_queries(boxes: torch.Tensor, obj_logits: torch.Tensor, gt_boxes: torch.Tensor,
-                  pseudo_boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Two-step class-agnostic Hungarian matching of one image's queries (METHOD §2.4).
+# ----------------------------------------------------------------------------------------------
+# Which target each decoder query is trained on
+# ----------------------------------------------------------------------------------------------
 
-    Step A matches the GT base boxes [G, 4] to all N queries, step B the pseudo boxes [P', 4] to the
-    queries step A left over, both with ``match_cost`` on the stage's boxes [N, 4] and objectness
-    logits [N]. Returns ``assigned`` [N]: −1 unmatched, g ∈ [0, G) for GT g, G + k for pseudo box k.
-    """
-    with torch.no_grad():
-        boxes, obj_logits = boxes.detach().float(), obj_logits.detach().float()
-        assigned = torch.full((len(boxes),), -1, dtype=torch.long, device=boxes.device)
-        if len(gt_boxes):
-            rows, cols = hungarian(match_cost(boxes, obj_logits, gt_boxes.float(), image_size))
-            assigned[rows] = cols
-        if len(pseudo_boxes):
-            free = torch.where(assigned < 0)[0]
-            cost = match_cost(boxes[free], obj_logits[free], pseudo_boxes.float(), image_size)  # (N', P')
-            rows, cols = hungarian(cost)
-            assigned[free[rows]] = len(gt_boxes) + cols
-    return assigned
+def assign_queries(stage: dict, roi_targets: list[dict], num_gt: list[int], num_pseudo: list[int],
+                   image_sizes: list[tuple[int, int]]) -> dict:
+    """Match one stage's queries (``match_queries``: GT base boxes, then pseudo boxes on the queries
+    left over, METHOD §2.4) and give each of the B·N queries its training fields. ``stage``: ``boxes`` [B, N, 4], ``obj_logits`` [B, N]; ``roi_targets[i]``: ``boxes`` [M_i, 4] (its
+    ``num_gt[i]`` GT boxes first, then pseudo boxes), ``labels``, ``cls_weight``, ``regress`` [M_i];
+    only the first ``num_pseudo[i]`` pseudo boxes take part (0 in the warm-up). Returns [B·N] rows:
+    ``labels`` (the target's label, −1 unmatched), ``cls_weight`` (matched: the target's weight, 0
+    if the box has IoU < POS_MIN_IOU with it; unmatched: NEG_WEIGHT, 0 if it overlaps a target
+    more than NEG_MAX_IOU), ``regress`` (matched and the target regresses), ``target_index`` (row of
+    the batch's concatenated targets, −1 unmatched), ``iou`` (with its target, else 0) and
+    ``target_boxes`` [B·N, 4] (meaningful where matched)."""
+    fields = {k: [] for k in ("labels", "cls_weight", "regress", "target_index", "iou", "target_boxes")}
+    offset = 0  # rows of the earlier images' targets in the batch's concatenation
+    for i, (boxes, obj) in enumerate(zip(stage["boxes"], stage["obj_logits"])):
+        g, p, r = num_gt[i], num_pseudo[i], roi_targets[i]
+        tgt = r["boxes"][: g + p]  # (M, 4) GT then the pseudo boxes in play
+        assigned = match_queries(boxes, obj, tgt[:g], tgt[g:], image_sizes[i])  # (N,)
+        pos, idx = assigned >= 0, assigned.clamp(min=0)
+        with torch.no_grad():
+            ious = box_iou(boxes.detach().float(), tgt) if len(tgt) else boxes.new_zeros(len(boxes), 1)
+            iou = torch.where(pos, ious.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(ious[:, 0]))
+            crowded = (ious > NEG_MAX_IOU).any(dim=1)  # every target of the image is matched
+        n = len(boxes)
+        weight = torch.where(crowded, 0.0, NEG_WEIGHT) * torch.ones(n, device=boxes.device)
+        if len(tgt):
+            labels = torch.where(pos, r["labels"][idx], -1)
+            weight = torch.where(pos, r["cls_weight"][idx] * (iou >= POS_MIN_IOU), weight)
+            regress, target_boxes = pos & r["regress"][idx], tgt[idx]
+        else:
+            labels = torch.full((n,), -1, dtype=torch.long, device=boxes.device)
+            regress, target_boxes = pos, boxes.new_zeros(n, 4)
+        fields["labels"].append(labels)
+        fields["cls_weight"].append(weight)
+        fields["regress"].append(regress)
+        fields["target_index"].append(torch.where(pos, idx + offset, -1))
+        fields["iou"].append(iou)
+        fields["target_boxes"].append(target_boxes)
+        offset += len(r["boxes"])
+    return {k: torch.cat(v) for k, v in fields.items()}
+
+
+def stage_normaliser(num_gt: list[int], device: torch.device) -> float:
+    """N of every stage loss: the batch's number of GT base boxes, averaged over the processes and
+    clamped at 1 (official ``reduce_mean(num_pos).clamp(1)``, METHOD §2.5)."""
+    total = torch.tensor(float(sum(num_gt)), device=device)
+    return float(mean_over_processes(total).clamp(min=1.0))
 
 
 def build_adamixer(cfg, objectness_text: torch.Tensor) -> AdaMixerOV:

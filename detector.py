@@ -91,8 +91,8 @@ def build_backbone(name: str, weights_path: str, trainable_layers: int, returned
     ``weights_path`` "" trains from scratch with ordinary BatchNorm (Shapes-OV). Otherwise the file is a
     torchvision ImageNet state dict (e.g. ``resnet50-0676ba61.pth``, METHOD §11), loaded into a ResNet
     whose BatchNorm keeps the file's statistics (``FrozenStatsBatchNorm2d``), and only the last
-    ``trainable_layers`` stages train, BatchNorm gamma/beta included (official: frozen_stages=1 →
-    trainable_layers=3 for ResNet-50 + FPN). Also the backbone of knowledge/proposals.py; errors
+    ``trainable_layers`` stages train, BatchNorm gamma/beta included, with 5 the stem's ``bn1`` too
+    (torchvision's own rule; official: frozen_stages=1 → trainable_layers=3 for ResNet-50 + FPN). Also the backbone of knowledge/proposals.py; errors
     name the keys of config ``section``.
     """
     if not hasattr(resnet, name):

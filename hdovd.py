@@ -270,10 +270,10 @@ class HDOVDAdaMixer(HDOVD):
     ``AdaMixerDecoderPrompt``). Same contract as ``HDOVD``; ``detector`` is an adamixer.AdaMixerOV.
 
     Losses (unweighted, each summed over the S decoder stages, stage weights 1; N = number of GT
-    base boxes in the batch, ≥ 1):
+    base boxes in the batch, mean over processes, ≥ 1: ``adamixer.stage_normaliser``):
     * ``loss_query_*``: the query generator's QFL and GIoU terms (main and aux branch, §2.2);
-    * matching per stage: ``adamixer.match_queries`` (GT base boxes, then the pseudo boxes on the
-      queries left over, §2.4);
+    * matching per stage: ``adamixer.assign_queries`` (GT base boxes, then the pseudo boxes on the
+      queries left over, §2.4), gathered per query by ``stage_rows``;
     * ``loss_cls`` = Σ w·CE(50·cos(f_T, [base; pseudo texts of the batch; bg])) / N (§2.5) with w = 1
       for GT-matched queries, w_p for pseudo-matched ones, 0.5 for the others; 0 for a positive whose
       box has IoU < 0.4 with its target and for a negative with IoU > 0.7 with a matched target;
@@ -291,13 +291,11 @@ class HDOVDAdaMixer(HDOVD):
     the buffer ``train_steps``, so a resumed run continues it.
     Inference (§2.6): ``HDOVD.detect`` on the student's ``predict`` (the last stage's boxes, f_T and
     f_R) with ``class_probabilities`` below: ``p1 = softmax(50·cos(f_T, [t; t_bg]))``; with the
-    text-space distillation on, ``p2 = softmax(vis_scale·cos(f_R, t))`` and ``p = p1^{1−α}·p2^{α}``
-    (α base, β novel), bg from p1, renormalised; class-wise NMS, ≤ ``max_detections``.
+    text-space distillation on and past the warm-up, ``p2 = softmax(vis_scale·cos(f_R, t))`` and
+    ``p = p1^{1−α}·p2^{α}`` (α base, β novel), bg from p1, renormalised; class-wise NMS,
+    ≤ ``max_detections``.
     """
 
-    POS_MIN_IOU = 0.4   # positives whose box has a lower IoU get classification weight 0 (official)
-    NEG_MAX_IOU = 0.7   # negatives overlapping a matched target more get weight 0 (official)
-    NEG_WEIGHT = 0.5    # classification weight of the other negatives (official)
     H1_MIN_IOU = 0.5    # H1 pairs need IoU > 0.5 between the query's box and its box (METHOD §4)
 
     def __init__(self, *args, warmup_steps: int = 0, **kwargs):
@@ -318,7 +316,7 @@ class HDOVDAdaMixer(HDOVD):
         pseudo_on = self.use_pseudo and not warm
         num_gt = [len(t["boxes"]) for t in targets]
         num_pseudo = [len(r["boxes"]) - g if pseudo_on else 0 for r, g in zip(roi_t, num_gt)]
-        norm = float(max(sum(num_gt), 1))
+        norm = adamixer_lib.stage_normaliser(num_gt, images[0].device)  # mean over processes, ≥ 1
         base_text = self.class_embeddings[:nb]
         text = torch.cat([base_text] + pseudo_texts) if (self.class_wise and pseudo_on) else base_text
         bg = len(text)  # the background column of the logits
@@ -364,64 +362,47 @@ class HDOVDAdaMixer(HDOVD):
 
     def stage_rows(self, stage: dict, roi_t, num_gt, num_pseudo, image_sizes, pseudo_texts,
                    pseudo_weights, teachers, bg: int) -> dict:
-        """Match one stage's queries (§2.4) and give every query of the batch (B·N rows) its
-        ``labels`` (bg = ``bg``), ``cls_weight``, ``positive``, ``is_gt``, ``regress``, ``iou``
-        (with its target, else 0), ``target_boxes``, ``scale`` (w, h, w, h of its image) and, for
-        H1/H2, ``teacher``, ``pseudo_text``, ``pseudo_weight`` (zeros where they do not apply)."""
-        nb, dim = self.num_base_classes, self.class_embeddings.shape[1]
-        fields = {k: [] for k in ("labels", "cls_weight", "positive", "is_gt", "regress", "iou",
-                                  "target_boxes", "scale", "teacher", "pseudo_text", "pseudo_weight")}
-        first_pseudo = nb
-        for i, (boxes, obj) in enumerate(zip(stage["boxes"], stage["obj_logits"])):
-            g, p, r = num_gt[i], num_pseudo[i], roi_t[i]
-            h, w = image_sizes[i]
-            tgt = r["boxes"][: g + p]  # (M, 4) GT then the selected pseudo boxes
-            assigned = adamixer_lib.match_queries(boxes, obj, tgt[:g], tgt[g:], (h, w))  # (N,)
-            pos, idx = assigned >= 0, assigned.clamp(min=0)
-            is_gt = pos & (assigned < g)
-            with torch.no_grad():
-                ious = box_iou(boxes.detach().float(), tgt) if len(tgt) else boxes.new_zeros(len(boxes), 1)
-                iou = torch.where(pos, ious.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(ious[:, 0]))
-                crowded = (ious > self.NEG_MAX_IOU).any(dim=1)  # every target of the image is matched
-            n = len(boxes)
-            labels = torch.full((n,), bg, dtype=torch.long, device=boxes.device)
-            weight = torch.where(crowded, 0.0, self.NEG_WEIGHT) * torch.ones(n, device=boxes.device)
-            pseudo_w = torch.zeros(n, device=boxes.device)
-            if len(tgt):
-                labels = torch.where(is_gt, r["labels"][idx], labels)
-                # pseudo box k of this image is class first_pseudo + k (batch-wide, as HDOVD);
-                # with H2 off its weight is 0 and the label stays background (ignored)
-                is_pseudo = pos & ~is_gt
-                if self.class_wise:
-                    labels = torch.where(is_pseudo, first_pseudo + idx - g, labels)
-                weight = torch.where(pos, r["cls_weight"][idx] * (iou >= self.POS_MIN_IOU), weight)
-                if p:
-                    pseudo_w = torch.where(is_pseudo, pseudo_weights[i][(idx - g).clamp(min=0)], pseudo_w)
-            first_pseudo += p
-            fields["labels"].append(labels)
-            fields["cls_weight"].append(weight)
-            fields["positive"].append(pos)
-            fields["is_gt"].append(is_gt)
-            fields["regress"].append(pos & r["regress"][idx] if len(tgt) else pos)
-            fields["iou"].append(iou)
-            fields["target_boxes"].append(tgt[idx] if len(tgt) else boxes.new_zeros(n, 4))
-            fields["scale"].append(boxes.new_tensor([w, h, w, h]).expand(n, 4))
-            know_rows = teachers[i][: g + p][idx] if (self.use_pseudo and len(tgt)) else boxes.new_zeros(n, dim)
-            fields["teacher"].append(know_rows)
-            text_rows = (pseudo_texts[i][(idx - g).clamp(min=0)] if (self.use_pseudo and p)
-                         else boxes.new_zeros(n, dim))
-            fields["pseudo_text"].append(text_rows)
-            fields["pseudo_weight"].append(pseudo_w)
-        return {k: torch.cat(v) for k, v in fields.items()}
+        """Every query of the batch (B·N rows) with ``adamixer.assign_queries``'s fields (``labels``
+        with unmatched and untrained pseudo labels → ``bg``), plus ``positive``, ``is_gt``, ``scale``
+        (w, h, w, h of its image) and, gathered through ``target_index`` as ``pool_instance_pairs``
+        does, ``teacher``, ``pseudo_text``, ``pseudo_weight`` (zeros where they do not apply)."""
+        rows = adamixer_lib.assign_queries(stage, roi_t, num_gt, num_pseudo, image_sizes)
+        index = rows["target_index"]
+        pos = rows["positive"] = index >= 0
+        # pseudo classes beyond the text (H2 off) are ignored (weight 0), like the background
+        rows["labels"] = torch.where((rows["labels"] < 0) | (rows["labels"] >= bg), bg, rows["labels"])
+        n, dim, dev = stage["boxes"].shape[1], self.class_embeddings.shape[1], index.device
+
+        def gather(per_target: torch.Tensor) -> torch.Tensor:  # [T, ...] → [B·N, ...], 0 if unmatched
+            out = per_target.new_zeros(len(index), *per_target.shape[1:])
+            out[pos] = per_target[index[pos]]
+            return out
+
+        rows["is_gt"] = gather(torch.cat([torch.arange(len(r["boxes"]), device=dev) < g
+                                          for r, g in zip(roi_t, num_gt)]))
+        rows["scale"] = torch.cat([stage["boxes"].new_tensor([w, h, w, h]).expand(n, 4) for h, w in image_sizes])
+        zeros = stage["boxes"].new_zeros(len(index), dim)
+        rows["teacher"] = gather(torch.cat(teachers)) if self.use_pseudo else zeros
+        # pseudo texts and weights exist for the pseudo boxes only: GT rows of the table are 0
+        rows["pseudo_text"] = (gather(torch.cat([torch.cat([t.new_zeros(g, dim), t])
+                                                 for g, t in zip(num_gt, pseudo_texts)]))
+                               if self.use_pseudo else zeros)
+        rows["pseudo_weight"] = (gather(torch.cat([torch.cat([w.new_zeros(g), w])
+                                                   for g, w in zip(num_gt, pseudo_weights)]))
+                                 if self.use_pseudo else zeros[:, 0])
+        return rows
 
     # -- inference: HDOVD.detect / detections on the student's predict() with this ensemble ----
     def class_probabilities(self, text_emb, vis_emb, text, num_base):
         """``p = p1^{1−α}·p2^{α}`` per class (α base, β novel), bg from p1, renormalised (§2.6),
         with ``text_emb`` = f_T and ``vis_emb`` = f_R [R, T] of the last stage's queries → [R, K];
-        p1 alone when the text-space distillation (which trains f_R) is off."""
+        p1 alone when the text-space distillation (which trains f_R) is off, and while it has not
+        started: an evaluation inside the warm-up (official: the end-of-epoch-0 EvalHook, before
+        ``use_text_space_rkd_loss`` is switched on)."""
         inf = self.inference
         p1 = self.classifier(text_emb, text).float().softmax(dim=-1)  # (R, K + 1)
-        if self.text_space is None:
+        in_warmup = 0 < self.warmup_steps and int(self.train_steps) <= self.warmup_steps
+        if self.text_space is None or in_warmup:
             return p1[:, :-1]
         cos = F.normalize(vis_emb.float(), dim=-1) @ text.t()  # (R, K)
         p2 = (inf["vis_scale"] * cos).softmax(dim=-1)  # no background column (official skd_tau 20)

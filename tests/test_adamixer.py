@@ -33,6 +33,7 @@ import box_ops  # noqa: E402
 import config  # noqa: E402
 import distill  # noqa: E402
 import hdovd  # noqa: E402
+import query_generator  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small ops on one thread
 
@@ -199,20 +200,20 @@ def test_two_step_matching_assigns_each_query_once_and_pseudo_only_leftovers():
         logits = torch.randn(20, generator=g)
         gt = boxes[[2, 7, 11]] + torch.randn(3, 4, generator=g)  # targets near some queries
         pseudo = boxes[[7, 11, 15, 3]] + 2 * torch.randn(4, 4, generator=g)  # two overlap GT's queries
-        assigned = adamixer.match_queries(boxes, logits, gt, pseudo, (128, 128))
+        assigned = query_generator.match_queries(boxes, logits, gt, pseudo, (128, 128))
         matched = assigned[assigned >= 0]
         assert len(matched) == 7 and len(set(matched.tolist())) == 7  # each target once, no query twice
-        gt_only = adamixer.match_queries(boxes, logits, gt, pseudo[:0], (128, 128))
+        gt_only = query_generator.match_queries(boxes, logits, gt, pseudo[:0], (128, 128))
         is_gt = (assigned >= 0) & (assigned < 3)
         assert torch.equal(torch.where(is_gt, assigned, -1), gt_only)  # step A ignores pseudo boxes
         is_pseudo = assigned >= 3
         assert not (is_pseudo & (gt_only >= 0)).any()  # step B only takes the queries A left over
         # step B is itself the optimal assignment on those leftovers
         free = torch.where(gt_only < 0)[0]
-        cost = adamixer.match_cost(boxes[free], logits[free], pseudo, (128, 128))
+        cost = query_generator.match_cost(boxes[free], logits[free], pseudo, (128, 128))
         chosen = cost[torch.isin(free, torch.where(is_pseudo)[0]).nonzero()[:, 0],
                       assigned[free][assigned[free] >= 3] - 3]
-        rows, cols = adamixer.hungarian(cost)
+        rows, cols = query_generator.hungarian(cost)
         assert float(chosen.sum()) == pytest.approx(float(cost[rows, cols].sum()), rel=1e-5)
 
 
@@ -311,3 +312,101 @@ def test_one_batch_overfit_drives_losses_down_and_finds_the_boxes():
         assert last[k] < 0.5 * first[k], (k, first, last)
 
     assert_detects_the_boxes(model, images, targets)
+
+
+def test_trainable_layers_follow_torchvision_bn1_included(tmp_path):
+    """Issue 23 item 3: with ImageNet weights, ``trainable_layers`` trains what torchvision's own
+    helper trains; with 5 (the AdaMixer COCO config: official frozen_stages=-1) the stem's bn1 too."""
+    import torchvision
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    import detector
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    for layers in range(6):
+        ours = detector.build_backbone("resnet18", str(path), layers, [1, 2, 3, 4], 32).body
+        theirs = _resnet_fpn_extractor(torchvision.models.resnet18(weights=None), layers).body
+        trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+        assert trained == {n for n, p in theirs.named_parameters() if p.requires_grad}, layers
+    assert {"bn1.weight", "bn1.bias"} <= trained  # layers = 5
+
+
+def test_detections_do_not_depend_on_the_batch():
+    """Issue 23 item 2: ``predict`` decodes each image alone (official test: one image per GPU),
+    so an image's boxes beside a portrait image equal its boxes alone. Decoded as one padded
+    batch, the GroupNorm statistics of the padding would move them."""
+    for norm in ("channels", "positions"):  # C1: the official "positions" also sees the padding
+        _, model = build(f"adamixer.objectness_norm={norm}")
+        model.eval()
+        g = torch.Generator().manual_seed(4)
+        landscape, portrait = torch.randn(3, 96, 128, generator=g), torch.randn(3, 128, 64, generator=g)
+        with torch.no_grad():
+            alone = model.detector.predict([landscape])
+            beside = model.detector.predict([landscape, portrait])
+            batched = model.detector.decode([landscape, portrait])["stages"][-1]["boxes"][0]
+        torch.testing.assert_close(beside["boxes"][0], alone["boxes"][0], rtol=0, atol=1e-3)
+        n = len(alone["boxes"][0])
+        torch.testing.assert_close(beside["roi_text_emb"][:n], alone["roi_text_emb"], rtol=0, atol=1e-5)
+        assert beside["image_sizes"] == [(96, 128), (128, 64)]
+        assert (batched - alone["boxes"][0]).abs().max() > 1e-3  # what one padded batch would give
+
+
+def _normaliser_worker(rank: int, world: int, init_file: str, out_dir: str):
+    """One process of the 2-process test below: the same model on a different part of the batch."""
+    import copy
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, model = build()
+        local_model = copy.deepcopy(model)  # forwards update queues and banks: one copy per forward
+        images, targets = make_batch(model.class_embeddings, model.num_base_classes)
+        images, targets = images[: rank + 1], targets[: rank + 1]  # rank 0: 2 GT boxes, rank 1: 4
+        real, calls = query_generator.mean_over_processes, []
+
+        def recording(x):
+            out = real(x)
+            calls.append((float(x), float(out)))
+            return out
+
+        model.train()
+        local_model.train()
+        for module in (query_generator, adamixer):  # both look the name up at call time
+            module.mean_over_processes = recording
+        try:
+            shared = model(images, targets)
+            for module in (query_generator, adamixer):
+                module.mean_over_processes = lambda x: x  # the per-process normalisers of before
+            local = local_model(images, targets)
+        finally:
+            for module in (query_generator, adamixer):
+                module.mean_over_processes = real
+        torch.save({"calls": calls, "shared": {k: float(v.detach()) for k, v in shared.items()},
+                    "local": {k: float(v.detach()) for k, v in local.items()}}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_normalisers_are_means_over_processes(tmp_path):
+    """Issue 23 item 3: with 2 gloo processes, the generator's Σ quality (main, aux) and the stage
+    normaliser N are each the mean over both processes (official mmdet reduce_mean), and every
+    loss divides its own process's sum by that shared value instead of its local one."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_normaliser_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    calls = [r["calls"] for r in runs]
+    assert len(calls[0]) == len(calls[1]) == 3  # generator main, generator aux, stage N
+    for (in0, out0), (in1, out1) in zip(*calls):
+        assert out0 == pytest.approx((in0 + in1) / 2, rel=1e-6) and out1 == pytest.approx(out0, rel=1e-6)
+    assert [c[2][0] for c in calls] == [2.0, 4.0]  # the GT counts of the two processes
+    keys = {0: ("loss_query_qfl", "loss_query_giou"), 1: ("loss_query_aux_qfl", "loss_query_aux_giou"),
+            2: ("loss_cls", "loss_obj", "loss_l1", "loss_giou")}
+    for run, own in zip(runs, calls):
+        for call, names in keys.items():
+            local_norm, mean_norm = (max(v, 1.0) for v in own[call])
+            for k in names:  # the same sum, divided once by the mean and once by the local value
+                assert run["shared"][k] * mean_norm == pytest.approx(run["local"][k] * local_norm, rel=1e-4), k
