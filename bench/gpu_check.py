@@ -27,7 +27,7 @@ recorded in the JSON even when it fails (the script then exits 1):
    ckpt.pth on CPU (``weights_only=True``, strict, i.e. a checkpoint saved on CUDA loaded on CPU),
    moved to the device, and torchvision's fasterrcnn_resnet50_fpn (the same ResNet-50 file, frozen
    BatchNorm, 3 trainable stages, i.e. what it builds with ImageNet backbone weights; 49 classes;
-   its own sampler sizes) are timed per precision: median ms per training step (forward, backward,
+   the config's RPN/RoI sampling sizes) are timed per precision: median ms per training step (forward, backward,
    optimizer step) and the ratio student / torchvision on the same images and GT boxes.
 5. The paper's schedule (12 epochs x 118,287 images on 4 GPUs) from each measured images/s,
    assuming linear scaling to 4 GPUs and no evaluation time.
@@ -37,7 +37,7 @@ checkpoint_cuda_to_cpu, paper_schedule, errors, wall_s. A time budget (``--budge
 450 s) skips the trainings that would not fit (recorded as skipped): the fp32 runs and the
 same-batch timings come first, bf16 then fp16 after.
 
---dry-run: 160 x 120 images, 4 train / 2 val, a tiny CLIP (same layout), 3 steps, fp32 only, CPU;
+--dry-run: 128 x 96 images, 4 train / 2 val, a tiny CLIP (same layout), 3 steps, fp32 only, CPU;
 every code path above that does not need CUDA. Random weights and data throughout: this measures
 speed, memory and the plumbing, not accuracy.
 """
@@ -101,18 +101,21 @@ class Plan:
     warmup: int = 3                       # same-batch timing: untimed then timed steps
     timed: int = 8
     precisions: tuple = ("fp32", "bf16", "fp16")
+    templates: int = 0                    # 0: the config's 80 ImageNet templates; n: the first n
     overrides: list = field(default_factory=list)  # size-dependent extras
     device: str = "auto"
 
 
 FULL = Plan()
-DRY = Plan(image=(160, 120), num_train=4, num_val=2, clip=TINY_CLIP, steps=3, log_every=1,
-           proposal_steps=2, eval_images=2, warmup=1, timed=2, precisions=("fp32",), device="cpu",
-           overrides=["data.min_size=128", "data.max_size=160", "data.num_workers=0",
+DRY = Plan(image=(128, 96), num_train=4, num_val=2, clip=TINY_CLIP, steps=2, log_every=1,
+           proposal_steps=2, eval_images=2, warmup=0, timed=1, precisions=("fp32",), device="cpu",
+           templates=4,  # 1346 caption nouns x 80 templates: 40 s of CPU text encoding, 2 s with 4
+           overrides=["data.min_size=96", "data.max_size=128", "data.num_workers=0",
                       "teacher.proposals.batch_size=2", "teacher.pseudo_min_side_px=4",
                       "model.pseudo_min_side_px=4", "train.batch_size=2", "eval.batch_size=2",
                       "model.rpn_pre_nms_train=300", "model.rpn_post_nms_train=100",
-                      "model.roi_batch_size=64", "adamixer.num_queries=30"])
+                      "model.roi_batch_size=64", "adamixer.num_queries=30",
+                      "adamixer.num_stages=2"])  # 6 stages: 4 s per CPU step, most of the dry run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,9 +195,21 @@ def save_random_resnet50(path: Path) -> None:
     torch.save(net.state_dict(), path)
 
 
+def write_inputs(root: Path, plan: Plan) -> dict:
+    """Step 2 without the knowledge: the dataset, the CLIP, the ResNet-50 (and a short template
+    file when ``plan.templates``)."""
+    info = {"coco": make_coco(root, plan), "clip": save_random_clip(root / "clip.pt", plan.clip)}
+    save_random_resnet50(root / "resnet50.pth")
+    if plan.templates:
+        lines = (REPO / "vocab" / "imagenet_templates.txt").read_text().splitlines()
+        (root / "templates.txt").write_text("\n".join([t for t in lines if "{}" in t][:plan.templates]))
+    return info
+
+
 def common_overrides(work: Path, plan: Plan) -> list[str]:
     root = work / "coco"
-    return [f"data.root={root}", f"teacher.clip_model={root / 'clip.pt'}",
+    templates = [f"teacher.templates_file={root / 'templates.txt'}"] if plan.templates else []
+    return templates + [f"data.root={root}", f"teacher.clip_model={root / 'clip.pt'}",
             f"model.backbone_weights={root / 'resnet50.pth'}",
             f"teacher.proposals.backbone_weights={root / 'resnet50.pth'}",
             f"run.out_dir={work / 'runs'}", f"run.device={plan.device}",
@@ -306,17 +321,23 @@ def load_student_on_cpu(ckpt_path: Path):
 def torchvision_fasterrcnn(cfg, weights_file: Path):
     """fasterrcnn_resnet50_fpn as torchvision builds it with backbone weights (FrozenBatchNorm2d,
     3 trainable stages), the weights read from our file; 48 base classes + background; identity
-    normalisation and our resize bounds, so that it sees exactly our batch's tensors."""
+    normalisation and our resize bounds, so that it sees exactly our batch's tensors; the RPN and
+    RoI sampling sizes of our config (torchvision keeps 2000 proposals per training image, the
+    official config 1000), so that the ratio compares implementations, not settings."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import misc as misc_nn_ops
 
     backbone = torchvision.models.resnet50(norm_layer=misc_nn_ops.FrozenBatchNorm2d)
     backbone.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-    backbone = _resnet_fpn_extractor(backbone, 3)
+    backbone, m = _resnet_fpn_extractor(backbone, 3), cfg.model
     return FasterRCNN(backbone, num_classes=len(cfg.data.base_classes) + 1,
                       min_size=cfg.data.min_size, max_size=cfg.data.max_size,
-                      image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+                      image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+                      rpn_pre_nms_top_n_train=m.rpn_pre_nms_train,
+                      rpn_post_nms_top_n_train=m.rpn_post_nms_train,
+                      rpn_batch_size_per_image=m.rpn_batch_size,
+                      box_batch_size_per_image=m.roi_batch_size)
 
 
 def time_steps(model, loss_fn, optimizer, batch, device, dtype, plan: Plan) -> dict:
@@ -347,7 +368,7 @@ def time_steps(model, loss_fn, optimizer, batch, device, dtype, plan: Plan) -> d
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"ms_per_step": round(1000 * statistics.median(times), 1),
-            "peak_mem_mb": round(peak) if peak else None, "last_total_loss": float(total)}
+            "peak_mem_mb": round(peak) if peak else None, "last_total_loss": float(total.detach())}
 
 
 def same_batch(work: Path, plan: Plan, device: torch.device, precisions: list[str], report) -> dict:
@@ -484,11 +505,7 @@ def main(argv=None) -> int:
     root = work / "coco"
     root.mkdir(exist_ok=True)
 
-    def inputs():
-        info = {"coco": make_coco(root, plan), "clip": save_random_clip(root / "clip.pt", plan.clip)}
-        save_random_resnet50(root / "resnet50.pth")
-        return info
-    ok = phase("data", inputs)
+    ok = phase("data", lambda: write_inputs(root, plan))
     ok = ok and phase("knowledge", lambda: run_cmd(
         [sys.executable, "-m", "knowledge", "--config", str(CONFIGS["faster_rcnn"]),
          "--set", *common_overrides(work, plan)], left(), env))
@@ -514,10 +531,11 @@ def main(argv=None) -> int:
     report("paper_schedule", paper_schedule(train))
     if args.work is None:
         shutil.rmtree(tmp / "work", ignore_errors=True)
-    print(json.dumps({"out": str(out), "wall_s": result["wall_s"], "errors": result["errors"],
-                      "tests": {k: result.get("tests", {}).get(k) for k in ("passed", "failed", "skipped")},
-                      "images_per_s": {s: {p: r.get("images_per_s") for p, r in runs.items()}
-                                       for s, runs in train.items()}}, indent=1))
+    summary = {"out": str(out), "wall_s": result["wall_s"], "errors": result["errors"],
+               "tests": {k: result.get("tests", {}).get(k) for k in ("passed", "failed", "skipped")},
+               "images_per_s": {s: {p: r.get("images_per_s") for p, r in runs.items()}
+                                for s, runs in train.items()}}
+    print(f"gpu_check: done {json.dumps(summary)}")  # one line: tests/test_gpu_check.py reads it
     return 1 if result["errors"] else 0
 
 
