@@ -1,6 +1,6 @@
-"""The quick start's budget, phase by phase: wall seconds, FLOPs and how close each phase is to GEMM.
+"""The quick start's budget per phase: wall seconds, FLOPs and how close each phase is to GEMM.
 
-    python bench/quickstart.py [--config config.yaml] [--set k=v ...] [--out bench/results/quickstart.json]
+    python bench/quickstart.py [--config config.yaml] [--set k=v ...] [--out FILE.json]
     python bench/quickstart.py --from-run runs/shapes_ov_frcnn [--data-root data/shapes_ov]
 
 Without ``--from-run`` it runs a fresh quick start, ``torchrun --standalone --nproc_per_node=1
@@ -67,7 +67,8 @@ CPU_ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v),
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
+        lambda g, q, k, v, *a, out_shape=None, **kw:
+            flop_counter.sdpa_backward_flop_count(g, q, k, v),
 }
 
 
@@ -92,7 +93,8 @@ def fresh_quickstart(config_file, overrides: list[str]) -> tuple[config.Config, 
     sets = ([] if "data.root" in keys else [f"data.root={base / 'shapes_ov'}"]) + \
            ([] if "run.out_dir" in keys else [f"run.out_dir={base}"]) + list(overrides)
     cfg, shipped = config.load_config(config_file, sets), config.load_config(config_file, [])
-    if "teacher.clip_model" not in keys and shipped.teacher.clip_model == str(world.teacher_path(shipped)):
+    own_teacher = shipped.teacher.clip_model == str(world.teacher_path(shipped))
+    if own_teacher and "teacher.clip_model" not in keys:
         sets.append(f"teacher.clip_model={world.teacher_path(cfg)}")  # the teacher follows the root
         cfg = config.load_config(config_file, sets)
     root, run_dir = Path(cfg.data.root), Path(cfg.run.out_dir) / cfg.run.name
@@ -130,7 +132,8 @@ def read_run(cfg: config.Config, run_dir: Path) -> dict:
     kdir = data.knowledge_dir(cfg)
     pngs = [e.stat().st_mtime for key in ("train_images", "val_images")
             for e in os.scandir(paths[key]) if e.name.endswith(".png")]
-    t_timing, pre_stats = read_json(teacher_dir / "timing.json"), read_json(teacher_dir / "pretrain_stats.json")
+    t_timing = read_json(teacher_dir / "timing.json")
+    pre_stats = read_json(teacher_dir / "pretrain_stats.json")
     k_timing, k_stats = read_json(kdir / "timing.json")["timing_s"], read_json(kdir / "stats.json")
     log = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
     train_lines = [r for r in log if r["kind"] == "train"]
@@ -143,15 +146,20 @@ def read_run(cfg: config.Config, run_dir: Path) -> dict:
     eval_s = sum(r["seconds"] for r in evals) if all("seconds" in r for r in evals) else \
         metrics_mtime - (run_dir / "config.yaml").stat().st_mtime - train_s
     return {
-        "render_s": max(paths["val_ann"].stat().st_mtime - min(pngs), 0.0) + t_timing["stream_render_seconds"],
+        "render_s": max(paths["val_ann"].stat().st_mtime - min(pngs), 0.0)
+        + t_timing["stream_render_seconds"],
         "first_file": min(pngs), "last_file": metrics_mtime,
         "teacher_s": t_timing["train_seconds"], "teacher_steps": t_timing["steps_this_run"],
         "teacher_dtype": pre_stats.get("precision"),
-        "proposal_s": k_timing.get("proposal_train"), "proposal_steps": k_stats["proposal_net"].get("steps"),
-        "extract_s": sum(k_timing.get(k) or 0.0 for k in ("proposal_infer", "calibration", "extraction", "stats")),
+        "proposal_s": k_timing.get("proposal_train"),
+        "proposal_steps": k_stats["proposal_net"].get("steps"),
+        "extract_s": sum(k_timing.get(k) or 0.0
+                         for k in ("proposal_infer", "calibration", "extraction", "stats")),
         "knowledge_precision": k_stats.get("precision", {}), "knowledge_stats": k_stats,
-        "train_s": train_s, "train_steps": last, "train_dtype": run_line.get("precision", {}).get("train"),
-        "eval_s": eval_s, "eval_images": sum(r["num_images"] for r in evals), "threads": t_timing.get("threads"),
+        "train_s": train_s, "train_steps": last,
+        "train_dtype": run_line.get("precision", {}).get("train"),
+        "eval_s": eval_s, "eval_images": sum(r["num_images"] for r in evals),
+        "threads": t_timing.get("threads"),
     }
 
 
@@ -164,13 +172,15 @@ def teacher_step_flops(cfg: config.Config) -> int:
     pre = cfg.clip_pretrain
     model = clip_pretrain.build_clip(pre).train()
     images = torch.randn(pre.batch_size, 3, pre.image_resolution, pre.image_resolution)
-    tokens = clip_pretrain.clip.tokenize(["a small star at the top left and two rings"] * pre.batch_size,
+    caption = "a small star at the top left and two rings"  # any: every token position is computed
+    tokens = clip_pretrain.clip.tokenize([caption] * pre.batch_size,
                                          context_length=pre.context_length)
 
     def step():
         img, txt = model.encode_image(images), model.encode_text(tokens)
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-        clip_pretrain.contrastive_loss(img, txt, torch.arange(len(img)), model.logit_scale.exp()).backward()
+        keys = torch.arange(len(img))
+        clip_pretrain.contrastive_loss(img, txt, keys, model.logit_scale.exp()).backward()
     return count_flops(step)
 
 
@@ -186,7 +196,8 @@ def proposal_flops(cfg: config.Config) -> tuple[int, int]:
 
     def step():
         logits, deltas, anchors, _ = net(batch, padded.image_sizes)
-        losses = proposals.proposal_losses(net, logits, deltas, anchors, [t["boxes"] for t in targets], pcfg)
+        boxes = [t["boxes"] for t in targets]
+        losses = proposals.proposal_losses(net, logits, deltas, anchors, boxes, pcfg)
         sum(losses.values()).backward()
 
     train = count_flops(step)
@@ -201,7 +212,8 @@ def clip_forward_flops(cfg: config.Config) -> int:
     model, _ = clip_io.load_clip(cfg.teacher.clip_model, "cpu", cfg.teacher.clip_dir)
     n, k = model.visual.input_resolution, 8
     with torch.no_grad():
-        return count_flops(lambda: model.encode_image(torch.randn(k, 3, n, n, dtype=model.dtype))) // k
+        crops = torch.randn(k, 3, n, n, dtype=model.dtype)
+        return count_flops(lambda: model.encode_image(crops)) // k
 
 
 def clip_forwards(cfg: config.Config, k_stats: dict) -> tuple[int, int, int]:
@@ -261,12 +273,13 @@ def gemm_gflops(dtype_name: str, n: int = 1024, min_seconds: float = 0.5) -> flo
 
 def machine(cfg: config.Config, threads) -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")),
-                 platform.processor())
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                  if line.startswith("Model name")), platform.processor())
     cpu = torch.device("cpu")
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "run_threads": threads,
-            "bf16_native": config.bf16_is_native(cpu), "precision": config.precision_report(cfg, cpu)}
+            "bf16_native": config.bf16_is_native(cpu),
+            "precision": config.precision_report(cfg, cpu)}
 
 
 def cell(value, spec: str) -> str:
@@ -289,15 +302,18 @@ def phase_rows(cfg: config.Config, run_dir: Path, run: dict) -> list[dict]:
              flops_per_step=teacher_step_flops(cfg),
              precision=run["teacher_dtype"] or report["clip_pretrain"]),
         dict(phase="proposal network", seconds=run["proposal_s"], steps=run["proposal_steps"],
-             flops_per_step=prop_train, precision=kp.get("teacher.proposals", report["teacher.proposals"])),
+             flops_per_step=prop_train,
+             precision=kp.get("teacher.proposals", report["teacher.proposals"])),
         dict(phase="knowledge extraction", seconds=run["extract_s"], steps=n_clip,
              flops=clip_forward_flops(cfg) * n_clip + prop_fwd * (n_train + n_val),
              precision=kp.get("teacher", report["teacher"]),
-             note=f"{n_clip} CLIP forwards (crops, images) + {n_train + n_val} proposal-net images"),
+             note=f"steps: {n_clip} CLIP forwards (crops, images); + {n_train + n_val} "
+                  f"proposal-net images"),
         dict(phase="detector training", seconds=run["train_s"], steps=run["train_steps"],
              flops_per_step=det_train, precision=run["train_dtype"] or report["train"]),
         dict(phase="evaluation", seconds=run["eval_s"], steps=run["eval_images"],
-             flops_per_step=det_fwd, precision="float32", note="steps: val images; no autocast in eval"),
+             flops_per_step=det_fwd, precision="float32",
+             note="steps: val images; evaluate_model runs without autocast"),
     ]
 
 
@@ -305,7 +321,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     config.add_config_args(parser)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "quickstart.json"))
-    parser.add_argument("--from-run", help="read this run dir's files instead of running a quick start")
+    parser.add_argument("--from-run", help="read this run dir's files; run nothing")
     parser.add_argument("--data-root", help="with --from-run: the world's folder, if moved")
     args = parser.parse_args(argv)
     if args.data_root and not args.from_run:
@@ -328,15 +344,18 @@ def main(argv=None) -> dict:
     for r in rows:
         r["share"] = (r["seconds"] or 0) / total
     result = {"phases": rows, "total_seconds": total,
-              "total_source": "subprocess wall" if wall is not None else "first PNG to metrics.json",
+              "total_source": "subprocess wall" if wall else "first PNG to metrics.json",
               "gemm_gflops_per_s": gemm, "gemm": "torch.matmul 1024x1024, this process",
-              "machine": machine(cfg, run["threads"]), "run_dir": str(run_dir), "data_root": cfg.data.root,
+              "machine": machine(cfg, run["threads"]), "run_dir": str(run_dir),
+              "data_root": cfg.data.root,
               "argv": sys.argv[1:] if argv is None else list(argv)}
     print(f"{'phase':22} {'s':>8} {'share':>6} {'steps':>7} {'GFLOP':>10} {'GFLOP/s':>8} "
           f"{'dtype':>9} {'GEMM':>7} {'ratio':>6}")
     for r in rows:
-        print(f"{r['phase']:22} {cell(r['seconds'], '8.1f')} {r['share']:6.1%} {cell(r.get('steps'), '>7')} "
-              f"{cell(r.get('flops') and r['flops'] / 1e9, '10.1f')} {cell(r.get('gflops_per_s'), '8.2f')} "
+        gflop = None if r.get("flops") is None else r["flops"] / 1e9
+        print(f"{r['phase']:22} {cell(r['seconds'], '8.1f')} {r['share']:6.1%} "
+              f"{cell(r.get('steps'), '>7')} {cell(gflop, '10.1f')} "
+              f"{cell(r.get('gflops_per_s'), '8.2f')} "
               f"{cell(r.get('precision'), '>9')} {cell(r.get('gemm_gflops_per_s'), '7.1f')} "
               f"{cell(r.get('ratio_to_gemm'), '6.2f')}")
     m = result["machine"]
