@@ -24,7 +24,7 @@ ONNX graph (``export_onnx``)
   The padding to a multiple of 32 and the box clipping are written here with traced sizes,
   because ``detector.batch_images`` and ``box_ops.clip_boxes_to_image`` take Python ints that
   tracing would freeze to the example image's size.
-* AdaMixer is not exported: ``export_onnx`` refuses it with the reason (``ADAMIXER_BLOCKER``).
+* AdaMixer is not exported: ``export_onnx`` refuses it with what was measured (``ADAMIXER_BLOCKER``).
 
 Conversion (``convert_checkpoint``)
 -----------------------------------
@@ -56,11 +56,11 @@ import predict
 import rundir
 
 ADAMIXER_BLOCKER = (
-    "model.detector=adamixer cannot be exported yet: its decoder samples each query's points "
-    "across FPN levels with a data-dependent gather per level and its query generator selects "
-    "queries with NMS and top-k inside Python loops over stages, which the TorchScript-based "
-    "exporter freezes to the example image; export the Faster R-CNN student, or run AdaMixer "
-    "with predict.py")
+    "model.detector=adamixer is not exported: its query generator decides in Python how many "
+    "queries survive NMS (tracing stops at that check with adamixer.fill_queries=false), and "
+    "with fill_queries=true the traced graph runs but its boxes differ from PyTorch's by ~200 px "
+    "even at the traced image size (an untrained small model, 2026-12-06): a data-dependent step "
+    "is frozen to the example. Export the Faster R-CNN student, or run AdaMixer with predict.py")
 
 
 class OnnxGraph(nn.Module):

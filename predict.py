@@ -33,8 +33,8 @@ Contract
   "box": {"xmin", "ymin", "xmax", "ymax"}}]`` (int pixels); ``to_coco(image_id)``: COCO results
   (``category_id = label + 1``); ``draw(path=None, score_thresh=None) -> PIL.Image``.
 * ``detect_images`` (the command): ``--images`` files, folders (recursively) and quoted globs
-  (``imagefiles.find_images``), streamed ``--batch-size`` images at a time. ``out/detections.jsonl`` gets one
-  line per image as it is done (first line: the vocabulary and threshold; then ``{"image":
+  (``imagefiles.find_images``), streamed ``--batch-size`` (default ``eval.batch_size``) images
+  at a time. ``out/detections.jsonl`` gets one line per image as it is done (first line: the vocabulary and threshold; then ``{"image":
   {"id", "file_name", "width", "height"}, "results": [COCO results]}``), ``out/<name>.png`` its
   picture; a rerun skips the images listed there. At the end (also after Ctrl-C)
   ``out/detections.json`` (COCO results) and ``out/dataset.json`` (COCO ``images`` and
@@ -371,11 +371,13 @@ def _write_coco(journal: Path, out_dir: Path, header: dict) -> None:
 
 def detect_images(ckpt_path, image_args: list[str] | None, vocabulary=None, out_dir="out",
                   overrides=None, score_thresh: float | None = None, device=None,
-                  batch_size: int = 4, pictures: bool = True, save_vocabulary=None) -> dict:
+                  batch_size: int | None = None, pictures: bool = True, save_vocabulary=None) -> dict:
     """The command (header). Returns {"done": images detected now, "skipped": already in the
     journal, "failed": [one line per unreadable file]}."""
     images = imagefiles.find_images(image_args) if image_args else []  # bad arguments fail before the model loads
-    predictor = Predictor.from_pretrained(ckpt_path, device, list(overrides or []) + [f"eval.batch_size={batch_size}"])
+    sized = [f"eval.batch_size={batch_size}"] if batch_size else []  # None: the config's, sized for its images
+    predictor = Predictor.from_pretrained(ckpt_path, device, list(overrides or []) + sized)
+    batch_size = predictor.cfg.eval.batch_size
     if vocabulary is not None:
         predictor.set_vocabulary(vocabulary)
     if save_vocabulary is not None:
@@ -458,7 +460,7 @@ def main(argv=None):
     parser.add_argument("--score-thresh", type=float, metavar="S",
                         help="keep scores >= S (default: eval.vis_score_thresh)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, auto (default: run.device)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per step (4)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="images per step (eval.batch_size)")
     parser.add_argument("--out", default="out", metavar="DIR", help="output folder (out/)")
     parser.add_argument("--no-pictures", action="store_true", help="write the JSON files only")
     parser.add_argument("--save-vocabulary", metavar="F", help="write the checkpoint with this vocabulary")
@@ -467,7 +469,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.images and not args.save_vocabulary:
         parser.error("give --images PATH ... (and/or --save-vocabulary OUT)")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         vocabulary = read_vocabulary_file(args.vocabulary_file) if args.vocabulary_file else args.vocabulary
