@@ -25,6 +25,7 @@ from conftest import REPO
 from knowledge import clip_io
 
 D = 64
+SQUARE = "diamond"  # the base class playing the square (config.yaml's ladder world has no "square")
 SMALL = ["model.fpn_channels=32", "model.representation_size=64", "model.rpn_pre_nms_test=300",
          "model.rpn_post_nms_test=100", "eval.batch_size=2"]
 ALL_OFF = ["distill.instance=false", "distill.class_wise=false", "distill.text_space=false",
@@ -43,7 +44,7 @@ def build(*overrides):
     cfg = config.load_config(REPO / "config.yaml", SMALL + list(overrides))
     names = config.class_names(cfg)
     emb = unit(len(names), D, seed=0)
-    square, rect = names.index("square"), names.index("rectangle")
+    square, rect = names.index(SQUARE), names.index("rectangle")
     emb[rect] = F.normalize(emb[square] + F.normalize(emb[rect] - (emb[rect] @ emb[square]) * emb[square], dim=0), dim=0)
     torch.manual_seed(0)
     return cfg, hdovd.build_hdovd(cfg, class_embeddings=emb).eval()
@@ -73,7 +74,7 @@ def test_compete_with_known_reuses_known_rows_and_embeds_only_new_names():
 def test_known_classes_stop_a_custom_vocabulary_from_forcing_labels(hierarchies):
     cfg, model = build(*hierarchies)
     names = config.class_names(cfg)
-    square, rect = names.index("square"), names.index("rectangle")
+    square, rect = names.index(SQUARE), names.index("rectangle")
     # two RoIs of one image: a square and a rectangle, embedded exactly like their class texts
     rois = model.class_embeddings[[square, rect]]
     out = {"boxes": [torch.tensor([[10.0, 10.0, 50.0, 50.0], [70.0, 60.0, 120.0, 90.0]])],
@@ -90,7 +91,7 @@ def test_known_classes_stop_a_custom_vocabulary_from_forcing_labels(hierarchies)
     assert known["boxes"].tolist() == [[70.0, 60.0, 120.0, 90.0]] and known["scores"][0] > 0.9
 
     # both names asked: both reported, each under its own name, in the user's order
-    text, report = predict.compete_with_known(["rectangle", "square"], names, model.class_embeddings, None)
+    text, report = predict.compete_with_known(["rectangle", SQUARE], names, model.class_embeddings, None)
     both = model.detections(out, text, model.num_base_classes, report)[0]
     by_label = {int(l): b for l, b in zip(both["labels"], both["boxes"].tolist())}
     assert by_label == {0: [70.0, 60.0, 120.0, 90.0], 1: [10.0, 10.0, 50.0, 50.0]}
