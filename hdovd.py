@@ -57,18 +57,15 @@ Deviations
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import (batched_nms, box_iou, generalized_box_iou_loss, nms, remove_small_boxes,
+from torchvision.ops import (batched_nms, generalized_box_iou_loss, nms, remove_small_boxes,
                              sigmoid_focal_loss)
 
 import adamixer as adamixer_lib
 import config
 import detector as detector_lib
-from knowledge import official
 from distill import (ImageDistiller, InstanceDistiller, TextSpaceDistiller,
                      weighted_classification_loss)
 
@@ -417,33 +414,12 @@ def loss_weights(cfg) -> dict[str, float]:
     return {f"loss_{k}": float(v) for k, v in vars(cfg.loss).items()}
 
 
-def load_text_embeddings(cfg) -> dict:
-    """The class texts ``embeddings`` [K, D] (configured classes, in order) and the "whole entity"
-    ``objectness`` text [D] (AdaMixer's query generator, METHOD §1.2): knowledge/extract.py's
-    ``class_embeddings.pt``, checked against the configured classes; with
-    ``teacher.official_resources``, the official DetPro files instead (never a copy of them)."""
-    if cfg.teacher.official_resources:
-        return official.load_class_embeddings(cfg.teacher.official_resources, config.class_names(cfg))
-    path = Path(cfg.data.root) / cfg.data.knowledge_dir / "class_embeddings.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"class text embeddings '{path}' not found; build them with "
-                                f"`python -m knowledge --config <your config>`")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    names = config.class_names(cfg)
-    if list(saved["class_names"]) != names:
-        raise ValueError(f"{path} lists classes {saved['class_names']} but the config has {names}; "
-                         f"re-run `python -m knowledge --config <your config>`")
-    return saved
-
-
-def load_class_embeddings(cfg) -> torch.Tensor:
-    """The class texts [K, D] of ``load_text_embeddings``."""
-    return load_text_embeddings(cfg)["embeddings"].float()
-
-
-def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
+def build_hdovd(cfg, class_embeddings: torch.Tensor, objectness: torch.Tensor | None = None) -> HDOVD:
     """Build the model described by ``cfg``: ``model.detector`` 'faster_rcnn' (METHOD §7) or
     'adamixer' (METHOD §2: HDOVDAdaMixer, with one H1 queue pair and one H2 EMA bank per stage).
+    ``class_embeddings`` [C, D]: the configured classes' texts in order; ``objectness`` [D]: the
+    "whole entity" text of AdaMixer's query generator (knowledge.clip_io.class_texts reads both;
+    without it, the mean class text; a checkpoint's saved buffer replaces it on load).
     ``data.oracle``: every class is a training class (the training classifier holds all texts);
     evaluation still splits base / novel by ``data.novel_classes`` (evaluate.py)."""
     if cfg.model.detector not in ("faster_rcnn", "adamixer"):
@@ -454,11 +430,6 @@ def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
         raise ValueError("data.oracle trains the upper bound on every class's boxes without "
                          "distillation: set distill.instance, class_wise, text_space and image "
                          "to false")
-    objectness = None
-    if class_embeddings is None:
-        class_embeddings = load_class_embeddings(cfg)
-        if cfg.model.detector == "adamixer":
-            objectness = load_text_embeddings(cfg)["objectness"].float()
     dim = class_embeddings.shape[1]
     nb = len(config.class_names(cfg) if cfg.data.oracle else cfg.data.base_classes)  # trained on
     copies = cfg.adamixer.num_stages if cfg.model.detector == "adamixer" else 0
@@ -476,8 +447,8 @@ def build_hdovd(cfg, class_embeddings: torch.Tensor | None = None) -> HDOVD:
     inference = {k: getattr(cfg.inference, k) for k in ("alpha", "beta", "vis_scale", "score_thresh",
                                                          "nms_iou", "max_detections")}
     if cfg.model.detector == "adamixer":
-        if objectness is None:  # class texts given (tests; a checkpoint, whose saved buffer
-            objectness = F.normalize(class_embeddings.float().mean(dim=0), dim=-1)  # replaces this)
+        if objectness is None:
+            objectness = F.normalize(class_embeddings.float().mean(dim=0), dim=-1)
         student = adamixer_lib.build_adamixer(cfg, objectness)
         classifier = detector_lib.OpenVocabClassifier(dim, cfg.model.tau_cls)
         if cfg.adamixer.zero_logit_init:  # f_T = f = the same unit vector orthogonal to every text

@@ -94,6 +94,20 @@ def amp_setting(train_cfg: config.TrainConfig, device: torch.device) -> tuple[bo
     return train_cfg.amp and (device.type == "cuda" or dtype == torch.bfloat16), dtype
 
 
+def may_leave_parameters_unused(cfg: config.Config) -> bool:
+    """Whether a training step can leave a trainable parameter without gradient, so that DDP must
+    look for such parameters (``find_unused_parameters``: one more autograd traversal per step, and
+    a warning in every run where it finds none). A hierarchy switched off leaves its head unused
+    (H1's visual head, H3's image head, AdaMixer's text projector); AdaMixer's pseudo-box warm-up
+    leaves them unused in its first steps. With every hierarchy on, every parameter gets a
+    gradient in every step, with or without pseudo boxes (tests/test_train.py checks both ways)."""
+    d = cfg.distill
+    adamixer = cfg.model.detector == "adamixer"
+    hierarchy_off = not (d.instance and d.class_wise and d.image) or (adamixer and not d.text_space)
+    warmup = adamixer and round(cfg.adamixer.pseudo_warmup_fraction * cfg.train.max_steps) > 0
+    return hierarchy_off or warmup
+
+
 def build_optimizer(model: torch.nn.Module, cfg: config.Config) -> torch.optim.Optimizer:
     """AdamW or SGD+momentum over all trainable parameters (optionally without decay on 1-D
     norms/biases, the official Swin-B setting)."""
@@ -300,10 +314,9 @@ def main(argv=None) -> dict | None:
     data.check_training_set(train_set, verbose=master)
     raw_model = model = hdovd.build_hdovd(cfg, *clip_io.class_texts(cfg)).to(device)
     if ddp:
-        # find_unused_parameters: switched-off hierarchies or a batch without pseudo boxes leave
-        # heads without gradient. broadcast_buffers=False (mmdet): each rank keeps its own queues.
+        # broadcast_buffers=False (mmdet): each rank keeps its own queues and BatchNorm statistics.
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True, broadcast_buffers=False)
+                    find_unused_parameters=may_leave_parameters_unused(cfg), broadcast_buffers=False)
     weights = hdovd.loss_weights(cfg)
     optimizer = build_optimizer(raw_model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))

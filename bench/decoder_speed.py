@@ -7,7 +7,7 @@
    the same batch: random images with hand-made boxes and random CLIP knowledge (bench/
    train_step_speed.py's ``make_batch``), every hierarchy on, the amp setting of each config.
 
-    python bench/decoder_speed.py [--adamixer configs/shapes_ov_adamixer.yaml] [--frcnn config.yaml]
+    python bench/decoder_speed.py [--adamixer config.yaml configs/shapes_ov_adamixer.yaml] [--frcnn config.yaml]
                                   [--steps 4] [--set key=value ...]  (``--set`` applies to both)
 
 Rounds alternate between the two sides so that machine noise hits both alike; the median is
@@ -98,7 +98,8 @@ def train_steps(cfgs: dict, steps: int, rounds: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adamixer", default=str(ROOT / "configs" / "shapes_ov_adamixer.yaml"))
+    parser.add_argument("--adamixer", nargs="+", help="config files, layered",
+                        default=[str(ROOT / "config.yaml"), str(ROOT / "configs" / "shapes_ov_adamixer.yaml")])
     parser.add_argument("--frcnn", default=str(ROOT / "config.yaml"))
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per round")

@@ -1,7 +1,7 @@
 """Behavioural tests of adamixer.py and the AdaMixer HD-OVD model (hdovd.HDOVDAdaMixer).
 
 Everything runs on CPU with random tensors or a small student (FPN 32 channels, 2 stages, 32
-queries) built from configs/shapes_ov_adamixer.yaml with random L2-normalised class embeddings, so
+queries) built from config.yaml + configs/shapes_ov_adamixer.yaml with random L2-normalised class embeddings, so
 no teacher files are needed.
 
 What is checked
@@ -45,7 +45,8 @@ STRIDES = [4, 8, 16, 32]
 
 
 def build(*overrides, seed: int = 0):
-    cfg = config.load_config(ROOT / "configs" / "shapes_ov_adamixer.yaml", SMALL + list(overrides))
+    cfg = config.load_config([ROOT / "config.yaml", ROOT / "configs" / "shapes_ov_adamixer.yaml"],
+                             SMALL + list(overrides))
     names = config.class_names(cfg)
     emb = F.normalize(torch.randn(len(names), D, generator=torch.Generator().manual_seed(seed)), dim=-1)
     torch.manual_seed(seed)

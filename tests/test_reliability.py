@@ -18,10 +18,13 @@ No CPU kernel met here was non-deterministic: two runs, in one process or in two
 bit (with the same thread count; one thread here).
 
 2 gloo processes x 1 image vs 1 process x 2 images (same images, flips, seed and LR schedule),
-relative differences of the logged losses measured over steps 1-10 on the tiny world:
-``loss_rpn_objectness`` <= 0.08 %, ``loss_rpn_box`` <= 1.6 %, ``total`` 1.5 % at step 1 and
-2-22 % at steps 2-10, ``loss_cls`` 2-31 %, ``loss_box`` 1-53 %, the distillation terms up to
-several-fold (``loss_img`` is 0 for a lone image with an empty queue). The method makes these
+relative differences of the logged losses measured over steps 1-10 on the tiny world of the
+first default world: ``loss_rpn_objectness`` <= 0.08 %, ``loss_rpn_box`` <= 1.6 %, ``total``
+1.5 % at step 1 and 2-22 % at steps 2-10, ``loss_cls`` 2-31 %, ``loss_box`` 1-53 %, the
+distillation terms up to several-fold (``loss_img`` is 0 for a lone image with an empty queue).
+On today's default world (config.yaml, issue 20) over steps 1-4: ``loss_rpn_objectness`` 0.02 %,
+``loss_rpn_box`` 1.6 %, ``loss_cls`` 8.8 %, ``total`` 17 / 20 / 23 / 9 % (its H1/H3 terms, which
+differ most, carry a larger share of the total at step 1). The method makes these
 per process, as the official code does: BatchNorm statistics (official SyncBN exists on GPUs
 only), the RoI/RPN samplers' random streams, the contrastive batches and queues of H1/H3 and
 the relational term's pairs. Two processes therefore train a slightly different objective than one
@@ -357,8 +360,8 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny_world, tmp_path, o
     a, b = _log(ddp), _log(tmp_path / "single")
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     rel = lambda key, i: abs(a[i][key] - b[i][key]) / abs(b[i][key])  # noqa: E731
-    # Tolerances: about 3x the differences measured over 10 steps (module docstring).
-    assert rel("total", 0) < 0.05
+    # Tolerances: about 3x the differences measured (module docstring).
+    assert rel("total", 0) < 0.5 and rel("loss_cls", 0) < 0.3
     assert all(rel("loss_rpn_objectness", i) < 0.005 and rel("loss_rpn_box", i) < 0.05
                for i in range(4))
     for key in evaluate.METRIC_KEYS:  # 4 steps: both near 0

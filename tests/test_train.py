@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import config
+import hdovd
 import rundir
 import train
+from conftest import REPO
 
 
 def _train_cfg(**kw) -> config.TrainConfig:
@@ -165,3 +168,39 @@ def test_nonfinite_loss_stops_with_the_loss_dict(tiny_world, tmp_path, monkeypat
     assert "non-finite loss in step 1" in str(e.value.code)
     assert "loss_cls" in capsys.readouterr().err  # the loss dict was printed
     assert not (tmp_path / "nan" / "ckpt.pth").exists()  # nothing new was saved
+
+
+def _unused_after_one_step(files: list[str], overrides: list[str], pseudo: int) -> list[str]:
+    """Trainable parameters left without gradient by one training step on a synthetic batch."""
+    cfg = config.load_config([REPO / f for f in files], ["model.fpn_channels=32", "adamixer.num_stages=2",
+                                                          "adamixer.shuffle_channels=8", *overrides])
+    d = 64
+    torch.manual_seed(0)
+    model = hdovd.build_hdovd(cfg, F.normalize(torch.randn(len(config.class_names(cfg)), d), dim=-1))
+    unit = lambda *shape: F.normalize(torch.randn(*shape), dim=-1)  # noqa: E731
+    target = {"boxes": torch.tensor([[10., 10., 50., 50.]]), "labels": torch.tensor([1]), "image_id": 0,
+              "size": torch.tensor([128, 128]), "orig_size": torch.tensor([128, 128]), "scale": 1.0,
+              "flipped": False,
+              "knowledge": {"image_emb": unit(d), "gt_emb": unit(1, d),
+                            "pseudo_boxes": torch.tensor([[60., 60., 100., 100.]])[:pseudo],
+                            "pseudo_img_emb": unit(pseudo, d), "pseudo_txt_emb": unit(pseudo, d),
+                            "pseudo_weight": torch.ones(pseudo)}}
+    out = model.train()([torch.randn(3, 128, 128)] * 2, [target, target])
+    sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+ADAMIXER = ["config.yaml", "configs/shapes_ov_adamixer.yaml"]
+
+
+@pytest.mark.parametrize("files, overrides", [
+    (["config.yaml"], []),
+    (["config.yaml"], ["distill.instance=false", "distill.class_wise=false", "distill.image=false"]),
+    (["config.yaml"], ["distill.image=false"]),
+    (ADAMIXER, ["adamixer.pseudo_warmup_fraction=0"]),
+    (ADAMIXER, ["train.max_steps=100"]),  # the first 8 steps are the pseudo-box warm-up
+], ids=["frcnn", "frcnn-base-only", "frcnn-no-H3", "adamixer", "adamixer-warmup"])
+def test_ddp_looks_for_unused_parameters_exactly_when_a_step_can_leave_some(files, overrides):
+    cfg = config.load_config([REPO / f for f in files], overrides)
+    unused = {p: _unused_after_one_step(files, overrides, p) for p in (1, 0)}  # with, without pseudo
+    assert train.may_leave_parameters_unused(cfg) == any(unused.values()), unused
