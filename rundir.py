@@ -9,8 +9,8 @@ The run directory ``<run.out_dir>/<run.name>/`` (rank 0 writes, the other ranks 
   ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled, <loss_*>_scaled (times its
   weight), "total", <stat_*>, "grad_norm", "ms_per_step", "images_per_s", "eta_s"}`` line per
   ``train.log_every`` steps, averages over the steps since the last line (losses are means over
-  the ranks, the rest rank 0's); one ``{"kind": "eval", "step", AP50_novel, ...}`` line per
-  evaluation. ``ms_per_step``, ``images_per_s``, ``eta_s`` are measurements; every other file and
+  the ranks, the rest rank 0's); one ``{"kind": "eval", "step", AP50_novel, ..., "eval_s"}`` line
+  per evaluation. ``ms_per_step``, ``images_per_s``, ``eta_s``, ``eval_s`` are measurements; every other file and
   value is the same for the same config and seed (CPU, same thread count).
 * ``ckpt.pth`` (``save_checkpoint``): ``{"model": unwrapped state_dict, "optimizer", "scheduler",
   "scaler" (float16 AMP only), "step", "world_size", "config": config_to_dict(cfg), "metrics":

@@ -39,6 +39,7 @@ import argparse
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -151,10 +152,11 @@ def run_evaluation(model, val_set, device, cfg: config.Config, step: int, log: r
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 dist.broadcast(m.running_mean, 0)
                 dist.broadcast(m.running_var, 0)
+    start = time.time()
     m, _ = evaluate.evaluate_model(model, val_set, device, cfg.eval.batch_size,
                                    num_workers=cfg.data.num_workers, max_images=cfg.eval.max_images)
     m = {"step": step, **m}
-    log.write({"kind": "eval", **m})
+    log.write({"kind": "eval", **m, "eval_s": time.time() - start})  # eval_s: a measurement
     if log.file is not None:
         tqdm.write(evaluate.format_table(m, cfg.data.base_classes, cfg.data.novel_classes))
     return m

@@ -13,13 +13,13 @@ With ``--from-run DIR`` it runs nothing and reads the timing files of the run in
 
 Per phase it reports (and writes to ``--out``, atomically: ``phases`` + ``machine``):
 * seconds, from the files the run writes:
-  world render: train/val PNGs' first mtime to the val annotation file's mtime, plus the teacher
-  stream (teacher/timing.json ``stream_render_seconds``); teacher pre-training: teacher/timing.json
+  world render: teacher/timing.json ``dataset_render_seconds`` (older worlds: the PNGs' first mtime
+  to the val annotation file's) plus ``stream_render_seconds``; teacher pre-training: teacher/timing.json
   ``train_seconds``; proposal network: knowledge timing.json ``timing_s.proposal_train``; knowledge
   extraction: the rest of ``timing_s`` (proposal inference, calibration, extraction, stats);
-  detector training: log.jsonl ``ms_per_step`` x the steps of its window; evaluation: metrics.json's
-  mtime minus the run dir's config.yaml mtime (when training starts) minus the training seconds
-  (it includes the final checkpoint writes). ``other`` is the total wall minus the phases
+  detector training: log.jsonl ``ms_per_step`` x the steps of its window; evaluation: the eval
+  lines' ``eval_s`` (older runs: metrics.json's mtime minus config.yaml's minus the training
+  seconds). ``other`` is the total wall minus the phases
   (process start, the teacher's zero-shot check, checkpoints, plots).
 * FLOPs: torch.utils.flop_counter on ONE representative step built with the project's builders,
   the run's config and a batch of its data: forward + backward for the training phases (the
@@ -143,11 +143,12 @@ def read_run(cfg: config.Config, run_dir: Path) -> dict:
     for r in train_lines:  # each line: the mean ms per step of the steps since the previous line
         train_s, last = train_s + r["ms_per_step"] / 1000 * (r["step"] - last), r["step"]
     metrics_mtime = (run_dir / "metrics.json").stat().st_mtime
-    eval_s = sum(r["seconds"] for r in evals) if all("seconds" in r for r in evals) else \
-        metrics_mtime - (run_dir / "config.yaml").stat().st_mtime - train_s
+    eval_s = sum(r["eval_s"] for r in evals) if evals and all("eval_s" in r for r in evals) else \
+        metrics_mtime - (run_dir / "config.yaml").stat().st_mtime - train_s  # older runs: mtimes
+    images_s = t_timing.get("dataset_render_seconds") or \
+        max(paths["val_ann"].stat().st_mtime - min(pngs), 0.0)  # older worlds: file mtimes
     return {
-        "render_s": max(paths["val_ann"].stat().st_mtime - min(pngs), 0.0)
-        + t_timing["stream_render_seconds"],
+        "render_s": images_s + t_timing["stream_render_seconds"],
         "first_file": min(pngs), "last_file": metrics_mtime,
         "teacher_s": t_timing["train_seconds"], "teacher_steps": t_timing["steps_this_run"],
         "teacher_dtype": pre_stats.get("precision"),

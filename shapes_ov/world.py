@@ -23,7 +23,8 @@ output exists (``--force`` rebuilds all of them):
    (image, caption) pairs covering all 16 categories, saved as a state dict that ``clip.load``
    reads (``clip_pretrain.py``; its docstring has the recipe). ``teacher/pretrain_stats.json``:
    steps, final loss, counts, the clip_pretrain config. ``teacher/timing.json``: the
-   measurements (seconds, threads), the only file that differs between two builds.
+   measurements (seconds, threads; the images' render time when built in the same call), the only
+   file that differs between two builds.
 3. ``teacher/teacher_eval.json``: its 16-way zero-shot accuracy on crops of val objects with the
    ``teacher.templates`` prompt ensemble (``clip_pretrain.evaluate_teacher``), plus the pre-training
    stats.
@@ -214,10 +215,12 @@ def build_world(cfg, force: bool = False) -> dict:
     """Build every missing step (all of them with ``force``); return the teacher's eval dict."""
     start = time.time()
     names = config_lib.class_names(cfg)
+    dataset_seconds = None  # recorded in teacher/timing.json when both are built in this call
     if force or not _dataset_built(cfg):
         t = time.time()
         build_dataset(cfg)
-        print(f"world: dataset written to {cfg.data.root} in {time.time() - t:.1f}s")
+        dataset_seconds = time.time() - t
+        print(f"world: dataset written to {cfg.data.root} in {dataset_seconds:.1f}s")
     stats_path = teacher_path(cfg).with_name("pretrain_stats.json")
     ckpt_path = teacher_path(cfg).with_name("pretrain_ckpt.pt")  # resume point while it trains
     trained = False
@@ -236,7 +239,8 @@ def build_world(cfg, force: bool = False) -> dict:
         clip_pretrain.save_clip(model, teacher_path(cfg))
         _write_json(stats_path, stats)
         _write_json(teacher_path(cfg).with_name("timing.json"),
-                    dict(timing, stream_render_seconds=round(render_seconds, 1)))
+                    dict(timing, stream_render_seconds=round(render_seconds, 1),
+                         dataset_render_seconds=dataset_seconds and round(dataset_seconds, 1)))
         ckpt_path.unlink(missing_ok=True)  # clip.pt is written: nothing left to resume
         trained = True
         print(f"world: teacher saved to {teacher_path(cfg)} ({stats['train_steps']} steps, "

@@ -12,7 +12,7 @@ of two ways, never by a hook in the production code:
 Then the same command runs again, and the result is compared with a run never interrupted.
 
 Files that are measurements and so differ between two builds: ``teacher/timing.json``,
-``<knowledge_dir>/timing.json`` and, in a run, the ``ms_per_step``, ``images_per_s``, ``eta_s``
+``<knowledge_dir>/timing.json`` and, in a run, the ``ms_per_step``, ``images_per_s``, ``eta_s``, ``eval_s``
 fields of ``log.jsonl``. Every other file is compared byte for byte (checkpoints: tensor by tensor).
 No CPU kernel met here was non-deterministic: two runs, in one process or in two, agree to the
 bit (with the same thread count; one thread here).
@@ -54,7 +54,7 @@ from shapes_ov import world
 
 CONFIG = REPO / "config.yaml"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-MEASUREMENTS = {"ms_per_step", "images_per_s", "eta_s"}  # log.jsonl fields that are timings
+MEASUREMENTS = {"ms_per_step", "images_per_s", "eta_s", "eval_s"}  # log.jsonl fields that are timings
 TINY_CLIP = ["clip_pretrain.embed_dim=32", "clip_pretrain.image_resolution=32",  # fast steps
              "clip_pretrain.vision_layers=1", "clip_pretrain.vision_width=64",
              "clip_pretrain.transformer_width=64", "clip_pretrain.transformer_layers=1",
