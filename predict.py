@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -444,9 +445,12 @@ images already done. Contracts: predict.py's docstring."""
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["export"], ["convert"]):
-        import export  # onnx is imported there, only for these two commands
-        return export.main(argv)
+    if argv[:1] in (["export"], ["convert"]):  # export.py's commands, in its own process: export
+        # builds on predict (and imports onnx), predict never imports export (tools/import_graph.py)
+        code = subprocess.run([sys.executable, str(Path(__file__).with_name("export.py")), *argv]).returncode
+        if code:
+            raise SystemExit(code)
+        return None
     parser = argparse.ArgumentParser(
         prog="predict.py", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s CKPT --images PATH ... [options]\n       %(prog)s export CKPT --onnx "
