@@ -1,44 +1,31 @@
-"""Typed configuration: one dataclass tree, loaded from YAML, overridden from the command line.
+"""Typed configuration: one dataclass tree, every default once with its source.
 
-Contract
---------
-* ``load_config(path, overrides)`` reads a YAML file whose nesting mirrors the dataclasses below,
-  applies ``--set a.b=value`` overrides (``value`` is parsed as YAML: ``3``, ``1e-3``, ``true``,
-  ``[1, 2]``, ``null``), and returns a ``Config``.
-* Unknown keys and wrong types are errors (``ConfigError``) that name the dotted key and list the
-  valid keys of that section; no value is silently ignored (nanoGPT's configurator does the same).
-* ``config_to_dict(cfg)`` / ``dump_config(cfg, path)`` give the resolved config; it is written to
-  every run directory and stored in every checkpoint, and ``config_from_dict`` rebuilds it.
-* ``add_config_args(parser)`` adds ``--config`` and repeated ``--set`` to any argparse parser.
-* ``resolve_device(cfg.run.device)`` turns ``run.device`` into a ``torch.device``.
-* ``class_names(cfg)`` is the vocabulary in class-id order: base classes, then novel ones.
+* ``load_config(paths, overrides)``: the defaults, then each YAML file of ``paths`` in order (later
+  files override earlier ones key by key; nesting mirrors the dataclasses), then ``--set a.b=value``
+  overrides (configurator.py: strict types, unknown keys listed, errors naming the file and key).
+* ``config_to_dict`` / ``dump_config`` give the resolved tree, written to every run directory and
+  stored in every checkpoint; ``config_from_dict`` rebuilds it. ``add_config_args(parser)`` adds
+  ``--config FILE...`` and ``--set``; ``class_names(cfg)``: base classes, then novel ones.
 
-One source for every default
-----------------------------
-The dataclass defaults below are the paper's settings: the official Faster R-CNN R50 OV-COCO
-config (``myfasterrcnn_r50_1x_coco.py``; METHOD.md 7-8.4), each with its source in the comment.
-Keys with no official value that still apply to COCO (``teacher.proposals``, worker counts, logging
-intervals) take the values chosen for COCO; keys that exist only for the embedded Shapes-OV world
-(sections ``world`` and ``clip_pretrain``) default to its values (shapes_ov/README.md). A YAML file lists only
-what differs from these defaults: ``config.yaml`` holds what the Shapes-OV world changes, each with
-a word on why; ``configs/*.yaml`` hold the other experiments. Measurements behind the chosen values
-are in LOG.md ("Config provenance"); ``tests/test_config.py`` checks that every shipped file lists
-exactly the keys where it differs from the defaults.
+The defaults are the paper's settings: the official Faster R-CNN R50 OV-COCO config
+(``myfasterrcnn_r50_1x_coco.py``; docs/METHOD.md §7-8.4), each with its source in the comment; keys
+with no official value take the values chosen for COCO, and the sections that exist only for the
+embedded world (``world``, ``clip_pretrain``) its values (shapes_ov/README.md). A YAML file lists
+only what differs from what it is layered on (``config.yaml``: the embedded world; ``configs/``:
+the other setups; tests/test_config.py holds them to it); measurements: LOG.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+import configurator
+from configurator import ConfigError, apply_override  # public here too: config.ConfigError, config.apply_override
 
 
 # The autocast keys (clip_pretrain.amp, teacher.amp, teacher.proposals.amp, train.amp): true/false
@@ -448,86 +435,9 @@ def class_names(cfg: Config) -> list[str]:
     return cfg.data.base_classes + cfg.data.novel_classes
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading, checking, overriding, dumping.
-# ----------------------------------------------------------------------------------------------
-
-def _check_value(key: str, value, tp):
-    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None, Precision
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        if len(args) == 1:
-            return _check_value(key, value, args[0])
-        for a in args:
-            try:
-                return _check_value(key, value, a)
-            except ConfigError:
-                pass
-        if tp == Precision:
-            raise ConfigError(f"config key '{key}' expects true/false or 'auto', got {value!r}")
-        raise ConfigError(f"config key '{key}' expects one of {args}, got {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{key}' expects one of {typing.get_args(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is float:
-        # YAML reads "1e-3" as a string (YAML 1.1); accept numbers and numeric strings for floats.
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:  # not a number: the error below names the key
-                raise ConfigError(f"config key '{key}' expects a float, got {value!r}") from None
-        raise ConfigError(f"config key '{key}' expects a float, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' expects an int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
-
-
-def _fill(obj, data: dict, prefix: str = ""):
-    """Recursively copy ``data`` into the dataclass instance ``obj``, checking keys and types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
-                          f"got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        dotted = prefix + str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'; valid keys in "
-                              f"'{prefix.rstrip('.') or '<root>'}': {', '.join(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _fill(current, value, dotted + ".")
-        else:
-            setattr(obj, key, _check_value(dotted, value, hints[key]))
-    return obj
-
-
 def config_from_dict(data: dict | None) -> Config:
     """Build a Config from a nested dict (a YAML file or a checkpoint's 'config' entry)."""
-    return _fill(Config(), data or {})
+    return configurator.fill(Config(), data or {})
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -538,51 +448,6 @@ def config_to_dict(cfg: Config) -> dict:
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (sections in declaration order)."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def apply_override(cfg: Config, assignment: str) -> None:
-    """Apply one ``a.b=value`` override in place; ``value`` is parsed as YAML."""
-    if "=" not in assignment:
-        raise ConfigError(f"override '{assignment}' must look like section.key=value")
-    dotted, raw = assignment.split("=", 1)
-    *path, leaf = dotted.strip().split(".")
-    node = cfg
-    walked = ""
-    for part in path:
-        names = [f.name for f in dataclasses.fields(node)]
-        if part not in names or not dataclasses.is_dataclass(getattr(node, part)):
-            raise ConfigError(f"unknown config section '{walked + part}'; valid keys in "
-                              f"'{walked.rstrip('.') or '<root>'}': {', '.join(names)}")
-        node = getattr(node, part)
-        walked += part + "."
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{assignment}': cannot parse value {raw!r} ({e})") from e
-    _fill(node, {leaf: value}, walked)
-
-
-def _merge(base: dict, layer: dict) -> dict:
-    """``layer`` over ``base``, section by section (a later file's key replaces the earlier one's)."""
-    out = dict(base)
-    for key, value in layer.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; the default is config.yaml at the "
-                          f"repository root")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold sections (key: value), got "
-                          f"{type(data).__name__}")
-    return data
 
 
 def load_config(paths=None, overrides: list[str] | None = None) -> Config:
@@ -596,7 +461,7 @@ def load_config(paths=None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     for path in map(Path, paths):
         try:  # each file is checked on its own, so an error names the file that has the key
-            cfg = config_from_dict(_merge(config_to_dict(cfg), _read_yaml(path)))
+            cfg = config_from_dict(configurator.merge(config_to_dict(cfg), configurator.read_yaml(path)))
         except ConfigError as e:
             raise ConfigError(e.args[0] if str(path) in e.args[0] else f"{path}: {e}") from None
     for assignment in overrides or []:
@@ -630,56 +495,3 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "conf
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config named by parsed ``add_config_args`` arguments."""
     return load_config(args.config, args.overrides)
-
-
-def resolve_device(name: str):
-    """``run.device``: "auto" picks CUDA when available; asking for CUDA without it is an error."""
-    import torch  # here only: the rest of this file is plain Python and YAML
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name} but CUDA is not available; use --set run.device=cpu "
-                          f"or auto")
-    return torch.device(name)
-
-
-def bf16_is_native(device) -> bool:
-    """Does ``device`` run bf16 matmuls natively? CUDA: compute capability with bf16 (Ampere and
-    later; emulation does not count). CPU: oneDNN's own check (AVX512-BF16 or AMX), the kernels
-    CPU autocast dispatches to. Anything else: no."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
-
-
-def resolve_amp(setting: bool | str, device) -> bool:
-    """An autocast key's value for ``device``: true/false as given, "auto" → ``bf16_is_native``."""
-    return bf16_is_native(device) if setting == "auto" else bool(setting)
-
-
-def precision_report(cfg: Config, device) -> dict:
-    """The resolved precision of every autocast key on ``device`` (what a run prints and records):
-    {"bf16_native": bool, "clip_pretrain" | "teacher" | "teacher.proposals" | "train": dtype name}.
-    ``train`` honours ``train.amp_dtype`` when forced on; the preparation phases autocast to bf16."""
-    def name(setting, dtype="bfloat16"):
-        return dtype if resolve_amp(setting, device) else "float32"
-
-    t = cfg.train
-    return {"bf16_native": bf16_is_native(device),
-            "clip_pretrain": name(cfg.clip_pretrain.amp), "teacher": name(cfg.teacher.amp),
-            "teacher.proposals": name(cfg.teacher.proposals.amp),
-            "train": name(t.amp, t.amp_dtype if t.amp is True else "bfloat16")}
-
-
-def precision_line(cfg: Config, device) -> str:
-    """One line for the start of a run: where bf16 is native and what each autocast key became."""
-    r = precision_report(cfg, device)
-    where = f"{device.type.upper()} {'runs' if r['bf16_native'] else 'does not run'} bf16 natively"
-    phases = ", ".join(f"{k} {v}" for k, v in r.items() if k != "bf16_native")
-    return f"precision: {where}; {phases}"

@@ -61,6 +61,7 @@ from matplotlib.patches import Rectangle
 from pycocotools.cocoeval import COCOeval
 
 import config
+import devices
 import data
 import hdovd
 import rundir
@@ -322,7 +323,7 @@ def evaluate_checkpoint(ckpt_path, overrides=None, out_dir=None, plots_dir=None)
     """``python evaluate.py ckpt.pth``: val-split metrics and detections, written next to the
     checkpoint (or into ``out_dir``), and with ``plots_dir`` the two plots. Returns the metrics."""
     model, cfg, ckpt = load_checkpoint(ckpt_path, overrides)
-    device = config.resolve_device(cfg.run.device)
+    device = devices.resolve_device(cfg.run.device)
     model.to(device)
     dataset = data.build_dataset(cfg, "val", knowledge=False)
     metrics, results = evaluate_model(model, dataset, device, cfg.eval.batch_size,

@@ -1,59 +1,39 @@
-"""HD-OVD: a detector, the CLIP class texts and the three distillation hierarchies, joined.
+"""HD-OVD: a student detector, the CLIP class texts and the three distillation hierarchies, joined.
 
-References: docs/METHOD.md §1 (overview), §3.2 (novel-class-aware classification), §4–§6 (losses and
-weights), §7 (Faster R-CNN variant and its inference ensemble), §2 + §3.3 (AdaMixer variant);
-official `mmdet/models/detectors/faster_rcnn.py` + `roi_heads/standard_roi_head.py`, and
-`detectors/query_based.py` + `roi_heads/adamixer_decoder_prompt.py` for ``HDOVDAdaMixer``.
-
-Contract: model → named losses (training), model.detect → detections (inference)
--------------------------------------------------------------------------------
-Unlike DETR's model / criterion split, ``forward`` returns the losses: the targets decide which
-RoIs the detector samples and pairs with CLIP teachers, so its outputs cannot exist without them.
-* ``build_hdovd(cfg, class_embeddings=None) -> HDOVD``. ``class_embeddings`` [C_all, D] are the
-  prompt-ensembled CLIP text embeddings of ``config.class_names(cfg)`` (base, then novel)
-  (default: read from ``<data.root>/<data.knowledge_dir>/class_embeddings.pt``, written by
-  knowledge/extract.py, or with ``teacher.official_resources`` the official DetPro file, read in
-  place by knowledge/official.py). They are a buffer, so a checkpoint is self-contained.
-* ``model(images, targets) -> dict`` of UNWEIGHTED scalar losses named ``loss_*`` (plus ``stat_*``
-  numbers for logging only). ``images``: list of [3, H, W] normalised tensors; ``targets``: data.py
-  dicts (``boxes`` xyxy resized px, ``labels`` contiguous base ids, ``knowledge``: the per-image
-  CLIP knowledge, keys and shapes in data.py's docstring).
-  ``loss_weights(cfg)`` gives the weights; the training loop sums ``w[k] * losses[k]``.
+Contract: model → named losses (training), model.detect → detections (inference). Unlike DETR's
+model / criterion split, ``forward`` returns the losses: the targets decide which RoIs the student
+samples and pairs with CLIP teachers, so its outputs cannot exist without them.
+* ``build_hdovd(cfg, class_embeddings, objectness=None) -> HDOVD``: ``class_embeddings`` [C, D],
+  the CLIP texts of ``config.class_names(cfg)`` (base, then novel; knowledge.clip_io.class_texts
+  reads them), kept as a buffer, so a checkpoint is self-contained.
+* ``model(images, targets) -> dict`` of UNWEIGHTED scalar ``loss_*`` (plus ``stat_*``, logged only);
+  ``images``: [3, H, W] normalised tensors; ``targets``: data.py's dicts (``boxes`` xyxy resized
+  px, ``labels`` base ids, ``knowledge`` per image). ``loss_weights(cfg)`` gives the weights.
 * ``model.detect(images, text_embeddings=None, num_base_classes=None, report=None,
-  agnostic_nms=False) -> list[dict]`` with ``boxes`` [N, 4] xyxy in the input (resized) frame,
-  ``scores`` [N], ``labels`` [N] in 0..C-1, N ≤ ``inference.max_detections``. Any vocabulary:
-  pass its text embeddings [K, D]; classes with index ≥ ``num_base_classes`` are treated as novel
-  in the ensemble; ``report`` [C] picks the classes returned (labels index into it) and
-  ``agnostic_nms`` keeps one name per object (both: predict.py, "Custom vocabularies").
-  ``detections(out, ...)`` is the same after the student's forward (one forward, many
-  vocabularies). COCOeval (evaluate.py) runs the paper's setting: every class, class-wise NMS.
+  agnostic_nms=False) -> list[dict]``: ``boxes`` [N, 4] xyxy in the resized frame, ``scores`` [N],
+  ``labels`` [N]; any vocabulary through its texts [K, D] (rows ≥ ``num_base_classes`` are novel in
+  the ensemble; ``report`` and ``agnostic_nms``: predict.py). ``detections(out, ...)`` is the same
+  after one forward. COCOeval (evaluate.py) runs the paper's setting: every class, class-wise NMS.
+* ``model.detector`` picks the student: ``faster_rcnn`` → ``HDOVD`` (detector.py), ``adamixer`` →
+  ``HDOVDAdaMixer`` (adamixer.py: per-stage losses, H1 queues and H2 EMA banks, a warm-up).
 
-``model.detector`` picks the student: ``faster_rcnn`` → ``HDOVD`` (detector.py), ``adamixer`` →
-``HDOVDAdaMixer`` (adamixer.py: query generator + decoder stages; losses per stage, per-stage H1
-queues and H2 EMA banks, the detection-only warm-up; details in its docstring). Same contract.
+Switches (``cfg.distill``): ``instance`` (H1), ``class_wise`` (H2 with pseudo boxes), ``text_space``
+(H2 text-space distillation), ``image`` (H3); all off is the base-only baseline. Pseudo boxes with
+both sides > ``model.pseudo_min_side_px`` resized px are RPN targets; the first
+``model.max_pseudo_boxes`` of them are RoI classes, H1 teachers and H2 texts (``make_targets``).
 
-Hierarchy switches (``cfg.distill``): ``instance`` (H1), ``class_wise`` (H2 classification with
-pseudo boxes), ``text_space`` (H2 text-space distillation), ``image`` (H3). With all off the model
-is the base-only baseline: no pseudo boxes anywhere, CLIP text classifier only.
-
-Pseudo boxes (official faster_rcnn.py ``forward_train`` and standard_roi_head.py): those with
-both sides > ``model.pseudo_min_side_px`` in RESIZED pixels are usable; ALL usable boxes are RPN
-targets, and only the first ``model.max_pseudo_boxes`` of them (file order) are RoI-head classes,
-H1 teachers and H2 texts (``make_targets``).
-
+References: docs/METHOD.md §1, §3.2, §4–§7, §2 + §3.3 (AdaMixer); official detectors/faster_rcnn.py,
+roi_heads/standard_roi_head.py, detectors/query_based.py, roi_heads/adamixer_decoder_prompt.py.
 Deviations
-* Pseudo boxes are used by the RPN whenever H1 or H2 is on (official: tied to `use_pseudo_box`).
-  With H1 on and H2 off they are RoI targets with classification weight 0 (ignored, neither a
-  class nor background), so that H1 can pool their RoIs.
+* The RPN takes pseudo boxes whenever H1 or H2 is on (official: `use_pseudo_box`); with H1 on and
+  H2 off they are RoI targets of classification weight 0, so that H1 can pool their RoIs.
 * The visual-embedding ensemble of §7 is applied only when H1 trained that embedding.
-* ``model.pseudo_box_regression`` (official: off) also regresses the RoIs matched to pseudo boxes.
-  The class-agnostic regressor learned from base boxes alone does not transfer to every novel
-  shape: on Shapes-OV it shrank ring RoIs (IoU 0.69 before, 0.36 after regression; ring AP50 5)
-  although the RPN, which the official code does train on pseudo boxes, proposed them well.
-  AdaMixer: the switch lets the stages regress the queries matched to pseudo boxes.
-* AdaMixer's text-space EMA banks are renormalised after each update and updated before the
-  loss (distill.TextSpaceDistiller, shared with Faster R-CNN; official: unnormalised, after the
-  loss). This step's loss reads only the absent classes' entries, which the update leaves alone.
+* ``model.pseudo_box_regression`` (official: off) also regresses RoIs matched to pseudo boxes: the
+  base-only regressor shrank Shapes-OV's ring RoIs (IoU 0.69 → 0.36, ring AP50 5; LOG.md).
+* AdaMixer's text-space EMA banks are renormalised after each update and updated before the loss
+  (distill.TextSpaceDistiller; official: unnormalised, after the loss; this step's loss reads only
+  entries the update leaves alone). Renormalising forgets faster at init-scale norms (a simulation:
+  a new prototype after 343 updates against 6,068 officially; docs/ADAMIXER.md).
 """
 from __future__ import annotations
 

@@ -74,6 +74,7 @@ import torch
 from PIL import Image
 
 import config
+import devices
 import data
 import evaluate
 import imagefiles
@@ -238,7 +239,7 @@ class Predictor:
     def from_pretrained(cls, ckpt_path, device=None, overrides: list[str] | None = None) -> "Predictor":
         """Load a train.py or ``Predictor.save`` checkpoint; ``device`` None = ``run.device``."""
         model, cfg, ckpt = evaluate.load_checkpoint(ckpt_path, overrides)
-        predictor = cls(model, cfg, device or config.resolve_device(cfg.run.device))
+        predictor = cls(model, cfg, device or devices.resolve_device(cfg.run.device))
         predictor.step = ckpt.get("step")
         saved = ckpt.get("vocabulary")
         if saved is not None:

@@ -5,7 +5,7 @@ The run directory ``<run.out_dir>/<run.name>/`` (rank 0 writes, the other ranks 
 -----------------------------------------------------------------------------------------
 * ``config.yaml``: the resolved config (``RunLog``).
 * ``log.jsonl`` (``RunLog``): first one ``{"kind": "run", "step": 0, "device", "world_size",
-  "precision": config.precision_report}`` line (the autocast dtype each phase resolved to); one
+  "precision": devices.precision_report}`` line (the autocast dtype each phase resolved to); one
   ``{"kind": "train", "step", "epoch", "lr", <loss_*> unscaled, <loss_*>_scaled (times its
   weight), "total", <stat_*>, "grad_norm", "ms_per_step", "images_per_s", "eta_s"}`` line per
   ``train.log_every`` steps, averages over the steps since the last line (losses are means over

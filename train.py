@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import config
+import devices
 import data
 import evaluate
 import hdovd
@@ -84,13 +85,13 @@ def lr_factor(step: int, train_cfg: config.TrainConfig) -> float:
 
 def amp_setting(train_cfg: config.TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
     """(autocast on?, dtype) of ``train.amp``. "auto": bf16 where the device runs it natively
-    (config.resolve_amp), else fp32. true: ``train.amp_dtype`` on CUDA (bf16 or fp16); on CPU
+    (devices.resolve_amp), else fp32. true: ``train.amp_dtype`` on CUDA (bf16 or fp16); on CPU
     bf16 only (CPU fp16 autocast is slow; bf16 ran 1.5x faster than fp32 per step on 2 cores with
     AVX512-BF16, LOG.md)."""
     if train_cfg.amp_dtype not in ("bfloat16", "float16"):
         raise config.ConfigError(f"train.amp_dtype={train_cfg.amp_dtype!r}: use bfloat16 or float16")
     if train_cfg.amp == "auto":
-        return config.resolve_amp("auto", device), torch.bfloat16
+        return devices.resolve_amp("auto", device), torch.bfloat16
     dtype = getattr(torch, train_cfg.amp_dtype)
     return train_cfg.amp and (device.type == "cuda" or dtype == torch.bfloat16), dtype
 
@@ -286,7 +287,7 @@ def main(argv=None) -> dict | None:
 
     # --- torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one plain process.
     ddp = int(os.environ.get("RANK", -1)) != -1
-    device = config.resolve_device(cfg.run.device)
+    device = devices.resolve_device(cfg.run.device)
     if ddp:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.type == "cuda":
@@ -297,7 +298,7 @@ def main(argv=None) -> dict | None:
         rank, world_size = 0, 1
     master = rank == 0  # logs, writes files, checkpoints
     if master:
-        print(f"train.py: {config.precision_line(cfg, device)}", flush=True)
+        print(f"train.py: {devices.precision_line(cfg, device)}", flush=True)
     rundir.seed_everything(cfg.run.seed + rank)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_path = run_dir / "ckpt.pth"
@@ -338,7 +339,7 @@ def main(argv=None) -> dict | None:
     log = rundir.RunLog(run_dir, step, master, cfg, world_size)
     if step == 0:  # what "auto" became here (a resumed run keeps its first line: exact resume)
         log.write({"kind": "run", "step": 0, "device": str(device), "world_size": world_size,
-                   "precision": config.precision_report(cfg, device)})
+                   "precision": devices.precision_report(cfg, device)})
     save = lambda at_step, states, m: master and rundir.save_checkpoint(  # noqa: E731
         ckpt_path, raw_model, optimizer, scheduler, scaler, at_step, world_size, cfg, m, *states)
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import adamixer  # noqa: E402
 import config  # noqa: E402
+import devices  # noqa: E402
 import hdovd  # noqa: E402
 from train_step_speed import make_batch  # noqa: E402
 
@@ -80,7 +81,7 @@ def train_steps(cfgs: dict, steps: int, rounds: int) -> dict:
 
     def step(name):
         cfg, model, weights, opt = setups[name]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.resolve_amp(cfg.train.amp, "cpu")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=devices.resolve_amp(cfg.train.amp, "cpu")):
             losses = model(images, targets)
         total = sum(weights[k] * v.float() for k, v in losses.items() if k.startswith("loss_"))
         opt.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ import clip.model  # noqa: E402
 
 from knowledge import clip_io, oake  # noqa: E402
 import config as config_lib  # noqa: E402
+import devices  # noqa: E402
 
 MODES = [("plain crop", "crop", 1), ("OAKE, no upsampling", "oake", 1), ("OAKE, 2x upsampling", "oake", 2)]
 
@@ -68,13 +69,13 @@ def main():
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)) for _ in range(8)]
     boxes = random_boxes(args.boxes, rng)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    targets = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; teacher: "
           f"{cfg.teacher.clip_model if Path(cfg.teacher.clip_model).is_file() else 'random CLIP'}; "
           f"context {cfg.teacher.context} x{cfg.teacher.context_scale}; batch {cfg.teacher.box_batch_size}; "
-          f"bf16 autocast on CPU: {config_lib.resolve_amp(cfg.teacher.amp, 'cpu')} (teacher.amp={cfg.teacher.amp})")
+          f"bf16 autocast on CPU: {devices.resolve_amp(cfg.teacher.amp, 'cpu')} (teacher.amp={cfg.teacher.amp})")
     rows = []
-    for device in devices:
+    for device in targets:
         model, preprocess = build_model(cfg, device)
         res = model.visual.input_resolution
         for name, mode, up in MODES:

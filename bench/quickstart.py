@@ -30,7 +30,7 @@ Per phase it reports (and writes to ``--out``, atomically: ``phases`` + ``machin
   GEMM-like ops (matmul, conv, attention); elementwise ops, RoIAlign, NMS and optimizer updates are
   not. The world render is PIL drawing: no tensor FLOPs (``flops`` null).
 * GFLOP/s achieved and its ratio to a 1024x1024 ``torch.matmul`` timed here, now, in the dtype the
-  phase resolved to (the run's recorded precision, else config.precision_report), with torch's
+  phase resolved to (the run's recorded precision, else devices.precision_report), with torch's
   thread count (the phases' too: ``teacher.threads``/``clip_pretrain.threads`` 0).
 Limits: extraction counts val proposals as the train mean per image; ``teacher.box_embedding:
 oake`` is counted as a plain crop forward; in ``--from-run`` mode the GEMM rate is this machine's.
@@ -53,6 +53,7 @@ from torch.utils import flop_counter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import config  # noqa: E402
+import devices  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import hdovd  # noqa: E402
@@ -279,8 +280,8 @@ def machine(cfg: config.Config, threads) -> dict:
     cpu = torch.device("cpu")
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "run_threads": threads,
-            "bf16_native": config.bf16_is_native(cpu),
-            "precision": config.precision_report(cfg, cpu)}
+            "bf16_native": devices.bf16_is_native(cpu),
+            "precision": devices.precision_report(cfg, cpu)}
 
 
 def cell(value, spec: str) -> str:
@@ -292,7 +293,7 @@ def cell(value, spec: str) -> str:
 
 def phase_rows(cfg: config.Config, run_dir: Path, run: dict) -> list[dict]:
     """The six phases: seconds, steps, FLOPs, dtype (the GEMM columns are added by main)."""
-    report = config.precision_report(cfg, torch.device("cpu"))
+    report = devices.precision_report(cfg, torch.device("cpu"))
     kp = run["knowledge_precision"]
     prop_train, prop_fwd = proposal_flops(cfg)
     n_clip, n_train, n_val = clip_forwards(cfg, run["knowledge_stats"])

@@ -5,66 +5,42 @@ CLIP never runs inside the training loop. ``python -m knowledge --config config.
 
 1. class-agnostic proposals (pseudo boxes): the proposal network of ``proposals.py`` trained on
    base boxes only (cached as ``proposal_net.pt``), or an external MAVL proposals pickle;
-2. ``class_embeddings.pt``: {"class_names": base + novel, "embeddings": (C, D) float32,
-   "objectness": (D,) float32 ("whole entity"), "templates", "clip_model"}; prompt-ensembled and
-   L2-normalised by ``text_embeddings`` (the same function embeds caption nouns, so a pseudo "ring"
-   label and the test-time "ring" class are the same vector);
+2. ``class_embeddings.pt``: {"class_names": base + novel, "embeddings": (C, D), "objectness": (D,)
+   ("whole entity"), "templates", "clip_model"}, by ``text_embeddings``, which embeds caption nouns
+   too (a pseudo "ring" label and the test-time "ring" class are the same vector);
 3. ``calibration.json``: the constants of the pseudo-label weight w = a*sigmoid((cos - mu)/sigma);
 4. one file per train image, ``<knowledge_dir>/<image file stem>.pt``: the knowledge FILE
    contract, stated once in data.py's docstring (where it is read);
-5. ``stats.json``: ``proposal_recall_base/novel`` (share of the objects of that split covered by
-   a kept proposal at IoU >= 0.5, on val where every object is labelled: ``recall_split``),
-   ``region_acc_base/novel`` (zero-shot accuracy of val GT box embeddings over all classes),
-   ``pseudo_label_acc`` (pseudo boxes at IoU >= 0.5 with a train base box whose noun is its
-   class), ``pseudo_label_acc_val_base/novel`` (the same on val proposals, the present classes
-   standing in for caption nouns), the calibration constants and counts, and ``precision``
-   (what the ``teacher.amp`` keys resolved to here: config.precision_report);
-6. ``timing.json``: the measurements of the run that wrote stats.json (``timing_s`` per phase,
-   ``images_extracted_this_run``). Every other file is the same, byte for byte, for the same config
-   and seed on the same machine type (CPU, same thread count), however often the extraction was
-   killed and restarted (tests/test_reliability.py).
-Files are written atomically (tmp + os.replace), so a killed run leaves no half file; run again,
-it resumes: a chunk of ``teacher.image_batch_size`` images whose files all exist and load is never
-redone, the proposal network is read from ``proposal_net.pt`` once written (a kill during its
-training restarts that training, which gives the same weights). ``--shard i --num-shards n`` (or
-torchrun's RANK/WORLD_SIZE) deals the chunks to processes; the shard that finds every file present
-writes stats.json.
+5. ``stats.json``: ``proposal_recall_base/novel`` (objects covered by a kept proposal at IoU >= 0.5,
+   on val: ``recall_split``), ``region_acc_base/novel`` (zero-shot accuracy of val GT box
+   embeddings), ``pseudo_label_acc`` (pseudo boxes on a train base box whose noun is its class),
+   ``pseudo_label_acc_val_base/novel`` (the same on val proposals, the present classes as caption
+   nouns), the calibration, counts and ``precision`` (devices.precision_report);
+6. ``timing.json``: the measurements (``timing_s`` per phase, ``images_extracted_this_run``); the
+   other files are byte for byte the same for a config and seed, however often it was killed.
+Files are written atomically; run again, it resumes (chunks of ``teacher.image_batch_size`` images
+whose files all load are never redone). ``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE)
+deals the chunks to processes; the shard that finds every file present writes stats.json.
 
-With ``teacher.official_resources`` (the released HD-OVD files, the preferred source on OV-COCO)
-there is nothing to extract: ``knowledge_is_built`` is true, CLIP is never loaded, nothing is
-written, and ``build_knowledge`` only checks the files as training will read them and counts
-their pseudo boxes (``check_official``; the reader is knowledge/official.py).
-
-The parts live in one file per concept: ``oake.py`` (box and image embeddings, METHOD 1.3),
-``proposals.py`` (class-agnostic proposal network), ``pseudo_labels.py`` (caption nouns and the
-weight, METHOD 1.4), ``knowledge/clip_io.py`` (loading CLIP offline, prompt-ensembled text
-embeddings). This file runs the extraction.
-
-The Shapes-OV settings and their measurements: LOG.md (2026-11-30, "moved from extract.py").
-
-Letters: R boxes, C classes, T templates, D embedding width.
+With ``teacher.official_resources`` nothing is extracted: ``check_official`` opens the released
+files as training will (knowledge/official.py). Letters: R boxes, C classes, T templates, D width.
 
 References: docs/METHOD.md §1.2-1.4, §10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
 prompt ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 Deviations:
 * Proposals come from a network trained here on base boxes (``proposals.py``; on COCO an
-  ImageNet ResNet-50) unless a MAVL file is given; the official pickle's origin is unverified
-  (METHOD 11). The official files themselves are read by official.py, not here.
+  ImageNet ResNet-50) unless a MAVL file is given; the official pickle's origin is unverified (§11).
 * The class and noun texts use ``teacher.templates_file`` (the 80 ImageNet templates on COCO),
   not DetPro's learned prompts, which were never released as prompts (only as the embeddings
   official.py reads); the pseudo-weight constants are therefore calibrated on this teacher, not
   copied from ViT-B/32 DetPro (1.3, 0.31, 0.026), and the fitted scale ``a`` may exceed 1.3.
-* Every image of the train file gets a knowledge file, also those without a base box that
-  training skips (~9% of COCO's train2017): one image list for extraction, stats and the
-  completeness check, at ~9% more extraction time.
-* Pseudo-label accuracy needs labels that train images do not have for novel objects, so
-  stats.json measures it on train base objects (``pseudo_label_acc``) and on val proposals with
-  the present categories as caption nouns (``pseudo_label_acc_val_*``; shapes_ov/world.py's captions name
-  every category present).
-* Images without any caption noun (all of them for a dataset without captions, ``data.captions``
-  "") take the noun list as candidate nouns: ``teacher.noun_vocab``, or the class names. Novel
-  names are among them, as in any caption (audit #48: a small novel-name leak on COCO images whose
-  captions match no noun); without the list such images would get no pseudo labels.
+* Every train image gets a knowledge file, also those without a base box that training skips
+  (~9% of COCO's train2017): one image list for extraction, stats and the completeness check.
+* Pseudo-label accuracy needs novel labels that train images lack: stats.json measures it on train
+  base objects and on val proposals with the present categories as caption nouns.
+* Images without a caption noun (all, without captions) take the noun list as candidates
+  (``teacher.noun_vocab``, or the class names), novel names among them as in any caption (audit
+  #48: a small novel-name leak on COCO images whose captions match no noun).
 """
 from __future__ import annotations
 
@@ -78,19 +54,16 @@ import torch
 from torchvision.ops import box_iou
 
 import config as config_lib
+import devices
 import data
 import rundir
-from knowledge import official, proposals as proposals_lib
 from detector import batch_images
+from knowledge import official, pseudo_labels, proposals as proposals_lib
 from knowledge.clip_io import TeacherError, load_clip, load_templates, model_device, text_embeddings
 from knowledge.oake import embed_images_and_boxes
 from knowledge.pseudo_labels import (assign_nouns, build_noun_matcher, calibrate_weight, caption_nouns,
-                           pseudo_weight, read_noun_vocab)
+                                     pseudo_weight, read_noun_vocab)
 
-
-# ----------------------------------------------------------------------------------------------
-# Offline extraction: proposals -> calibration -> per-image knowledge files -> stats
-# ----------------------------------------------------------------------------------------------
 
 def class_embeddings_path(cfg) -> Path:
     return data.knowledge_dir(cfg) / "class_embeddings.pt"
@@ -152,29 +125,6 @@ def _gt_boxes(coco, info, cat_ids=None, crowd: bool = True):
     boxes = torch.cat([lo, hi], 1)
     return (torch.tensor([a["id"] for a in anns], dtype=torch.int64),
             boxes, [a["category_id"] for a in anns])
-
-
-class NounBank:
-    """Caches prompt-ensembled noun embeddings (the class-embedding function, same templates).
-
-    ``fallback``: the candidate nouns of an image without caption nouns (the noun list)."""
-
-    def __init__(self, model, templates, class_names, class_emb, fallback: list[str]):
-        self.model, self.templates = model, templates
-        self.emb = dict(zip(class_names, class_emb))
-        self.fallback = list(fallback)
-        self.add(self.fallback)
-
-    def add(self, nouns):
-        # one batched text forward for all new nouns (COCO: ~1,300 nouns x 80 templates)
-        new = sorted({n for n in nouns if n not in self.emb})
-        if new:
-            self.emb.update(zip(new, text_embeddings(self.model, new, self.templates)))
-
-    def candidates(self, nouns: list[str]):
-        """(nouns, (N, D)); an image without caption nouns falls back to the noun list."""
-        nouns = nouns or self.fallback
-        return nouns, torch.stack([self.emb[n] for n in nouns])
 
 
 def _calibration(cfg, model, preprocess, train, nouns, bank, log) -> dict:
@@ -389,7 +339,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
         log(f"knowledge in {kdir} is complete (use --force to rebuild)")
         return json.loads(stats_path(cfg).read_text())
 
-    device = config_lib.resolve_device(cfg.run.device)
+    device = devices.resolve_device(cfg.run.device)
     model, preprocess = load_clip(t.clip_model, device, t.clip_dir)
     templates = load_templates(cfg)
     names = config_lib.class_names(cfg)
@@ -431,7 +381,8 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
     tick = time.time()
     nouns = caption_nouns(cfg, build_noun_matcher(cfg))  # {} without captions (data.captions "")
     noun_list = [entry[0] for entry in read_noun_vocab(t.noun_vocab)] if t.noun_vocab else names
-    bank = NounBank(model, templates, names, class_emb, fallback=noun_list)
+    bank = pseudo_labels.NounBank(lambda nouns: text_embeddings(model, nouns, templates), names,
+                                  class_emb, fallback=noun_list)
     bank.add(n for found in nouns.values() for n in found)
     cal_path = kdir / "calibration.json"  # fitted constants, shared by all shards and re-runs
     if t.weight_a is not None or force or not cal_path.is_file():
@@ -479,7 +430,7 @@ def _build_knowledge(cfg, force: bool, shard: int, num_shards: int, log):
                        "context_scale": t.context_scale, "upsample": t.upsample},
         proposal_net={k: v for k, v in net_info.items() if k not in ("config", "seconds")},
         calibration=cal, clip_model=t.clip_model, num_train_images=len(train),
-        precision={k: v for k, v in config_lib.precision_report(cfg, device).items()
+        precision={k: v for k, v in devices.precision_report(cfg, device).items()
                    if k in ("bf16_native", "teacher", "teacher.proposals")},
         images_without_caption_nouns=sum(1 for i in train.ids if not nouns.get(i)))
     # Measurements of this run go to their own file: stats.json is the same for the same seed.

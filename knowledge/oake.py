@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import config
+import devices
 import data
 import rundir
 from knowledge.clip_io import model_device
@@ -178,11 +178,11 @@ def encode_boxes_oake(model, crops, masks, upsample: int = 1):
 
 
 def _autocast(model, amp: bool | str):
-    """bf16 autocast for CPU forwards when ``amp`` resolves on (config.resolve_amp: "auto" = where
+    """bf16 autocast for CPU forwards when ``amp`` resolves on (devices.resolve_amp: "auto" = where
     the CPU runs bf16 natively); CUDA models are fp16 already, from clip.load."""
     device = model_device(model)
     return torch.autocast("cpu", dtype=torch.bfloat16,
-                          enabled=device.type == "cpu" and config.resolve_amp(amp, device))
+                          enabled=device.type == "cpu" and devices.resolve_amp(amp, device))
 
 
 @torch.no_grad()

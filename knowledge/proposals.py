@@ -74,7 +74,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-import config
+import devices
 import data
 import rundir
 from detector import batch_images, build_backbone
@@ -224,7 +224,7 @@ def train_proposal_net(cfg, device="cpu", log=print):
     else:
         opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=1e-4)  # wd: official detectors
     schedule = warmup_cosine(opt, pcfg.warmup_steps, pcfg.max_steps)
-    use_amp = config.resolve_amp(pcfg.amp, device)  # "auto": bf16 only where native
+    use_amp = devices.resolve_amp(pcfg.amp, device)  # "auto": bf16 only where native
     start, step, smooth = time.time(), 0, None
     bar = rundir.progress_bar(total=pcfg.max_steps, desc="proposal net", leave=False)
     while True:
@@ -266,9 +266,9 @@ def propose(net, images, image_sizes, top_k: int, nms_iou: float, min_side, pre_
 
     Per level the top ``pre_nms_top_n`` anchors by score are decoded; then clipping, the size
     filter (both sides > ``min_side``, a float or one per image), NMS, scores >= ``score_thresh``,
-    top-k. ``amp``: bf16 autocast (config.resolve_amp: "auto" = where native).
+    top-k. ``amp``: bf16 autocast (devices.resolve_amp: "auto" = where native).
     """
-    use_amp = config.resolve_amp(amp, images.device)
+    use_amp = devices.resolve_amp(amp, images.device)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
         images = images.contiguous(memory_format=torch.channels_last)
         logits, deltas, anchors, num_per_level = net(images, image_sizes)

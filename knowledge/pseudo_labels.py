@@ -10,6 +10,7 @@
 * ``assign_nouns``: each pseudo box takes the caption noun with the highest cosine between its
   CLIP box embedding v and the noun's text embedding t (most plausible reading of the official
   pipeline; only (v, t) reach the training code).
+* ``NounBank``: prompt-ensembled noun embeddings, computed once per noun (the class texts' function).
 * ``pseudo_weight``: w = a * sigmoid((cos(v, t) - mu) / sigma). The official constants (1.3,
   0.31, 0.026) were tuned for ViT-B/32 with DetPro prompts; ``calibrate_weight`` fits them for the
   teacher at hand (how: its docstring).
@@ -179,3 +180,24 @@ def calibrate_weight(cos, correct, l2: float = 1e-3, steps: int = 50) -> dict:
             "frac_correct": float(t.mean())}
 
 
+class NounBank:
+    """Caches noun embeddings: ``embed(nouns) -> (N, D)`` is the class texts' function (clip_io's
+    prompt-ensembled ``text_embeddings`` with the same templates), so a noun equal to a class name
+    is that class's vector. ``fallback``: the candidate nouns of an image without caption nouns."""
+
+    def __init__(self, embed, class_names, class_emb, fallback: list[str]):
+        self.embed = embed
+        self.emb = dict(zip(class_names, class_emb))
+        self.fallback = list(fallback)
+        self.add(self.fallback)
+
+    def add(self, nouns):
+        # one batched text forward for all new nouns (COCO: ~1,300 nouns x 80 templates)
+        new = sorted({n for n in nouns if n not in self.emb})
+        if new:
+            self.emb.update(zip(new, self.embed(new)))
+
+    def candidates(self, nouns: list[str]):
+        """(nouns, (N, D)); an image without caption nouns falls back to the noun list."""
+        nouns = nouns or self.fallback
+        return nouns, torch.stack([self.emb[n] for n in nouns])

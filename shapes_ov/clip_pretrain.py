@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import config as config_lib
+import devices
 import rundir
 from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
@@ -174,7 +175,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     timing): stats are the same for the same settings, timing holds the measurements."""
     pre = cfg.clip_pretrain
     names = drawable_classes(cfg.world, config_lib.class_names(cfg))  # single_labels index these
-    device = config_lib.resolve_device(cfg.run.device)
+    device = devices.resolve_device(cfg.run.device)
     if pre.threads > 0:
         torch.set_num_threads(pre.threads)
     gen = torch.Generator().manual_seed(cfg.world.seed)
@@ -206,7 +207,7 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
     n_single = round(pre.batch_size * pre.single_fraction)
     n_scene = pre.batch_size - n_single
     schedule = warmup_cosine(opt, pre.warmup_steps, pre.max_steps)
-    use_amp = config_lib.resolve_amp(pre.amp, device)  # "auto": bf16 only where native
+    use_amp = devices.resolve_amp(pre.amp, device)  # "auto": bf16 only where native
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
     start, losses, first = time.time(), [], 1
     # what decides the weights (everything but how often to log or save); a checkpoint made with
@@ -288,7 +289,7 @@ def save_clip(model, path: str | Path) -> None:
 def evaluate_teacher(cfg, clip_path: Path, val_ann: Path, val_images: Path) -> dict:
     """16-way zero-shot accuracy of the CLIP at ``clip_path`` on crops of every object of the
     COCO file ``val_ann`` (images in ``val_images``)."""
-    device = config_lib.resolve_device(cfg.run.device)
+    device = devices.resolve_device(cfg.run.device)
     model, preprocess = load_clip(str(clip_path), device)
     names = config_lib.class_names(cfg)
     num_base = len(cfg.data.base_classes)

@@ -1,4 +1,4 @@
-"""The precision policy (config.resolve_amp): every autocast key takes true, false or "auto", and
+"""The precision policy (devices.resolve_amp): every autocast key takes true, false or "auto", and
 "auto" means bf16 only where the hardware runs it natively. The probe is faked both ways, so both
 branches run on any CPU; one test checks what the real probe says on this one."""
 import json
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import config
+import devices
 import train
 
 AMP_KEYS = ("clip_pretrain.amp", "teacher.amp", "teacher.proposals.amp", "train.amp")
@@ -15,7 +16,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(params=[True, False], ids=["bf16-native", "no-native-bf16"])
 def native(request, monkeypatch):
-    """Fake oneDNN's bf16 probe (the one config.bf16_is_native asks on CPU)."""
+    """Fake oneDNN's bf16 probe (the one devices.bf16_is_native asks on CPU)."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: request.param)
     return request.param
 
@@ -33,24 +34,24 @@ def test_auto_is_the_default_of_every_autocast_key():
 
 
 def test_auto_follows_the_probe_and_true_false_force_it(native):
-    assert config.bf16_is_native(CPU) is native
-    assert config.resolve_amp("auto", CPU) is native
-    assert config.resolve_amp(True, CPU) is True and config.resolve_amp(False, CPU) is False
+    assert devices.bf16_is_native(CPU) is native
+    assert devices.resolve_amp("auto", CPU) is native
+    assert devices.resolve_amp(True, CPU) is True and devices.resolve_amp(False, CPU) is False
     cfg = config.load_config("config.yaml")
-    report = config.precision_report(cfg, CPU)
+    report = devices.precision_report(cfg, CPU)
     expected = "bfloat16" if native else "float32"
     assert report == {"bf16_native": native, "clip_pretrain": expected, "teacher": expected,
                       "teacher.proposals": expected, "train": expected}
     assert train.amp_setting(cfg.train, CPU) == (native, torch.bfloat16)
-    line = config.precision_line(cfg, CPU)
+    line = devices.precision_line(cfg, CPU)
     assert ("does not run" in line) is (not native) and f"train {expected}" in line
 
 
 def test_forced_settings_ignore_the_probe(native):
     on = config.load_config("config.yaml", [f"{k}=true" for k in AMP_KEYS])
     off = config.load_config("config.yaml", [f"{k}=false" for k in AMP_KEYS])
-    assert set(config.precision_report(on, CPU).values()) - {native} == {"bfloat16"}
-    assert set(config.precision_report(off, CPU).values()) - {native} == {"float32"}
+    assert set(devices.precision_report(on, CPU).values()) - {native} == {"bfloat16"}
+    assert set(devices.precision_report(off, CPU).values()) - {native} == {"float32"}
     assert train.amp_setting(on.train, CPU) == (True, torch.bfloat16)  # config.yaml: bfloat16
     # float16 autocast is CUDA-only here: forced on a CPU it stays off
     fp16 = config.load_config("config.yaml", ["train.amp=true", "train.amp_dtype=float16"])
@@ -73,8 +74,8 @@ def test_the_real_probe_agrees_with_a_bf16_matmul():
     """Not faked: where oneDNN says bf16 is native, a bf16 matmul is not slower than ~1/4 of fp32
     (emulated bf16 measured 50x slower); where it says no, "auto" gives fp32. Counted in
     multiply-adds, so it cannot fail for a busy machine unless bf16 is emulated."""
-    if not config.bf16_is_native(CPU):
-        assert config.resolve_amp("auto", CPU) is False
+    if not devices.bf16_is_native(CPU):
+        assert devices.resolve_amp("auto", CPU) is False
         return
     import time
     a = torch.randn(512, 512)
