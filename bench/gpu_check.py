@@ -34,8 +34,9 @@ recorded in the JSON even when it fails (the script then exits 1):
 The JSON (``--out``; default bench/results/gpu.json, and with --dry-run <temp dir>/gpu.json) is
 rewritten after every step: keys device, sizes, tests, data, knowledge, train, same_batch,
 checkpoint_cuda_to_cpu, paper_schedule, errors, wall_s. A time budget (``--budget-s``, default
-450 s) skips the trainings that would not fit (recorded as skipped): the fp32 runs and the
-same-batch timings come first, bf16 then fp16 after.
+420 s) skips the trainings that would start with under 45 s left (recorded as skipped; one that
+starts runs to at most 60 s past the budget, so the whole run stays under 8 min): the fp32 runs
+and the same-batch timings come first, bf16 then fp16 after.
 
 --dry-run: 128 x 96 images, 4 train / 2 val, a tiny CLIP (same layout), 3 steps, fp32 only, CPU;
 every code path above that does not need CUDA. Random weights and data throughout: this measures
@@ -68,6 +69,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import config  # noqa: E402
+import devices  # noqa: E402
 import data  # noqa: E402
 import hdovd  # noqa: E402
 
@@ -241,7 +243,7 @@ def run_cmd(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
         rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
             else (e.stdout or "")
     return {"returncode": rc, "wall_s": round(time.time() - start, 1),
-            "output_tail": out.strip().splitlines()[-25:]}
+            "output_tail": out.strip().splitlines()[-40:]}
 
 
 def run_device_tests(work: Path, timeout: float, env: dict) -> dict:
@@ -367,7 +369,8 @@ def time_steps(model, loss_fn, optimizer, batch, device, dtype, plan: Plan) -> d
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"ms_per_step": round(1000 * statistics.median(times), 1),
+    ms = 1000 * statistics.median(times)
+    return {"ms_per_step": round(ms, 1), "images_per_s": round(1000 * len(batch[0]) / ms, 2),
             "peak_mem_mb": round(peak) if peak else None, "last_total_loss": float(total.detach())}
 
 
@@ -393,6 +396,8 @@ def same_batch(work: Path, plan: Plan, device: torch.device, precisions: list[st
         p: time_steps(tv, lambda d: sum(d.values()), opt, (images, tv_targets), device,
                       PRECISIONS[p][1], plan) for p in precisions}
     del tv, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     for student, path in students.items():
         model, cfg, ckpt_report[student] = load_student_on_cpu(path)
         report("checkpoint_cuda_to_cpu", ckpt_report)
@@ -459,13 +464,13 @@ def main(argv=None) -> int:
                                                   "with --dry-run <temp dir>/gpu.json)")
     parser.add_argument("--work", type=Path, help="folder for the generated data and runs "
                                                    "(default: a temp dir, removed at the end)")
-    parser.add_argument("--budget-s", type=float, default=450.0,
+    parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip trainings that would start after this many seconds")
     parser.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py")
     args = parser.parse_args(argv)
     t0 = time.time()
     plan = DRY if args.dry_run else FULL
-    device = config.resolve_device(plan.device)
+    device = devices.resolve_device(plan.device)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work = args.work or tmp / "work"
     work.mkdir(parents=True, exist_ok=True)

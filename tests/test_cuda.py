@@ -149,8 +149,8 @@ def amp_step(student, resnet50_file, dtype):
     model, weights = build(student, resnet50_file)
     model = model.cuda()
     batch = make_batch("cuda")
-    with torch.no_grad():
-        _, fp32_total = losses_and_total(model, weights, batch)
+    with torch.no_grad():  # on a copy: a forward fills the distillation queues
+        _, fp32_total = losses_and_total(copy.deepcopy(model), weights, batch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
