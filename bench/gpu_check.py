@@ -5,42 +5,36 @@
 
 Contract
 --------
-On whatever device it finds (CUDA if there is one, else CPU) it runs, in this order, each step
-recorded in the JSON even when it fails (the script then exits 1):
-1. ``pytest -m cuda tests/test_cuda.py`` (CPU vs CUDA parity of both students, an fp16 AMP step
-   with the GradScaler, a bf16 step, a checkpoint saved on CUDA loaded on CPU; they skip without
-   CUDA): passed / failed / skipped counts and the failing test names.
-2. A COCO-layout directory (train2017/, val2017/, instances_*2017.json, captions_train2017.json)
-   of random Shapes-OV-like images with boxes at 1333 x 800 (official category ids and names,
-   some boxes of a category outside the 65), turned into the OV-COCO 48/17 files; a CLIP of
-   ViT-B/32's architecture with random weights saved as OpenAI's state dict (clip.load rebuilds it
-   with clip.model.build_model: no download); a random ResNet-50 in torchvision's format (its
-   BatchNorm statistics measured on noise, so the frozen statistics keep activations in fp16
-   range); the knowledge extracted by ``python -m knowledge`` with the config's teacher settings.
+On the device it finds (CUDA if any, else CPU), in this order, each step recorded in the JSON even
+when it fails (the exit status is then 1):
+1. ``pytest -m cuda tests/test_cuda.py`` (CPU vs CUDA parity of both students, fp16 AMP step with
+   the GradScaler, bf16 step, checkpoint saved on CUDA loaded on CPU; skipped without CUDA).
+2. Inputs: a COCO-layout directory of random Shapes-OV-like images with boxes at 1333 x 800
+   (official category ids and names, some boxes outside the 65) and its OV-COCO 48/17 files; a
+   CLIP of ViT-B/32's architecture with random weights as OpenAI's fp16 state dict (clip.load
+   rebuilds it with clip.model.build_model: no download); a random ResNet-50 in torchvision's
+   format (BatchNorm statistics measured on noise: frozen, they keep activations in fp16 range);
+   the knowledge from ``python -m knowledge`` with the config's teacher settings.
 3. ``torchrun --standalone --nproc_per_node=1 train.py`` (NCCL on CUDA, gloo on CPU) of
    configs/ov_coco_faster_rcnn_r50.yaml and configs/ov_coco_adamixer_r50.yaml at the official
-   image size and batch per GPU, for each precision (fp32: train.amp=false; bf16 and fp16 AMP:
-   train.amp=true with train.amp_dtype), only paths, lengths and evaluation size overridden
-   (``--set``). From each run's log.jsonl: images/s and ms/step over the steps after the first
-   logging window (warm-up excluded), peak CUDA memory (``max_mem_mb``), the resolved precision.
-4. In this process, on one batch of that dataset: each student loaded from its fp32 run's
-   ckpt.pth on CPU (``weights_only=True``, strict, i.e. a checkpoint saved on CUDA loaded on CPU),
-   moved to the device, and torchvision's fasterrcnn_resnet50_fpn (the same ResNet-50 file, frozen
-   BatchNorm, 3 trainable stages, i.e. what it builds with ImageNet backbone weights; 49 classes;
-   the config's RPN/RoI sampling sizes) are timed per precision: median ms per training step (forward, backward,
-   optimizer step) and the ratio student / torchvision on the same images and GT boxes.
-5. The paper's schedule (12 epochs x 118,287 images on 4 GPUs) from each measured images/s,
-   assuming linear scaling to 4 GPUs and no evaluation time.
-The JSON (``--out``; default bench/results/gpu.json, and with --dry-run <temp dir>/gpu.json) is
-rewritten after every step: keys device, sizes, tests, data, knowledge, train, same_batch,
-checkpoint_cuda_to_cpu, paper_schedule, errors, wall_s. A time budget (``--budget-s``, default
-420 s) skips the trainings that would start with under 45 s left (recorded as skipped; one that
-starts runs to at most 60 s past the budget, so the whole run stays under 8 min): the fp32 runs
-and the same-batch timings come first, bf16 then fp16 after.
+   image size and batch per GPU, per precision (fp32: train.amp=false; bf16 / fp16 AMP:
+   train.amp=true and train.amp_dtype); ``--set`` changes only paths, lengths and eval size. From
+   log.jsonl: images/s and ms/step after the first logging window (warm-up), peak CUDA memory
+   (``max_mem_mb``), the precision each run resolved.
+4. In this process, one batch of that dataset: each student from its fp32 ckpt.pth loaded on CPU
+   (``weights_only=True``, strict) then moved to the device, and torchvision's
+   fasterrcnn_resnet50_fpn (our ResNet-50 file, frozen BatchNorm, 3 trainable stages as it builds
+   with backbone weights; 49 classes; our RPN/RoI sampling sizes): median ms per training step
+   per precision, peak memory, the ratio student / torchvision on the same images and GT boxes.
+5. The paper's schedule (12 epochs x 118,287 images, 4 GPUs) at each measured images/s.
+JSON (``--out``; default bench/results/gpu.json, with --dry-run <temp dir>/gpu.json), rewritten
+after every step. ``--budget-s`` (420): a training that would start with under 45 s left is
+skipped (recorded); one that starts may run 60 s past it: the run stays under 8 min. Order: fp32
+runs, same-batch timings, bf16 runs, fp16 runs.
 
---dry-run: 128 x 96 images, 4 train / 2 val, a tiny CLIP (same layout), 3 steps, fp32 only, CPU;
-every code path above that does not need CUDA. Random weights and data throughout: this measures
-speed, memory and the plumbing, not accuracy.
+--dry-run: 128 x 96 images, 4 train / 2 val, a tiny CLIP (same layout), 2 AdaMixer stages, 2 steps,
+fp32, CPU: every code path above that does not need CUDA. Random weights and data throughout:
+this measures speed, memory and plumbing, not accuracy.
 """
 from __future__ import annotations
 
@@ -51,6 +45,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +67,7 @@ import config  # noqa: E402
 import devices  # noqa: E402
 import data  # noqa: E402
 import hdovd  # noqa: E402
+from tools import ov_coco  # noqa: E402
 
 with warnings.catch_warnings():  # clip imports the deprecated pkg_resources (harmless)
     warnings.simplefilter("ignore")
@@ -120,9 +116,7 @@ DRY = Plan(image=(128, 96), num_train=4, num_val=2, clip=TINY_CLIP, steps=2, log
                       "adamixer.num_stages=2"])  # 6 stages: 4 s per CPU step, most of the dry run
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 2: the inputs (COCO-layout directory, CLIP, ResNet-50, knowledge).
-# ----------------------------------------------------------------------------------------------
+# --- Step 2: the inputs (COCO-layout directory, CLIP, ResNet-50, knowledge).
 
 def make_coco(root: Path, plan: Plan) -> dict:
     """Random Shapes-OV-like scenes (noisy background, 3-8 filled rectangles and ellipses, 1 in 6
@@ -161,11 +155,7 @@ def make_coco(root: Path, plan: Plan) -> dict:
         if split == "train2017":
             (root / "annotations" / "captions_train2017.json").write_text(
                 json.dumps({"images": images, "annotations": caps}))
-    try:  # the OV-COCO 48/17 files (tools/ov_coco.py; data.py before the move)
-        from tools.ov_coco import build_ov_coco
-    except ImportError:
-        from data import build_ov_coco
-    build_ov_coco(root)
+    ov_coco.build_ov_coco(root)  # the OV-COCO 48/17 files
     return {"train_images": plan.num_train, "val_images": plan.num_val, "size_wh": list(plan.image),
             "boxes": len(anns)}
 
@@ -186,11 +176,9 @@ def save_random_resnet50(path: Path) -> None:
     average over 4 batches), saved as a torchvision state dict."""
     torch.manual_seed(0)
     net = torchvision.models.resnet50()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
+    for m in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        m.reset_running_stats()
+        m.momentum = None
     with torch.no_grad():
         for _ in range(4):
             net(torch.randn(2, 3, 160, 160))
@@ -228,20 +216,18 @@ def run_overrides(work: Path, plan: Plan, student: str, precision: str) -> list[
             + [f"run.name=gpu_check_{student}_{precision}"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Steps 1 and 3: subprocesses (pytest, knowledge, torchrun).
-# ----------------------------------------------------------------------------------------------
+# --- Steps 1 and 3: subprocesses (pytest, knowledge, torchrun).
 
 def run_cmd(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run ``cmd`` in the repository root; returncode, wall time and the output's last lines."""
     start = time.time()
-    try:
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=max(timeout, 10))
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
-            else (e.stdout or "")
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as p:
+        try:
+            out, rc = p.communicate(timeout=max(timeout, 10))[0], p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # its own process group: torchrun's worker too
+            out, rc = p.communicate()[0], "timeout"
     return {"returncode": rc, "wall_s": round(time.time() - start, 1),
             "output_tail": out.strip().splitlines()[-40:]}
 
@@ -258,8 +244,8 @@ def run_device_tests(work: Path, timeout: float, env: dict) -> dict:
         n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         res.update(passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"],
                    failed=n["failures"] + n["errors"], skipped=n["skipped"])
-        res["failing"] = [c.get("name") for c in suite.iter("testcase")
-                          if c.find("failure") is not None or c.find("error") is not None]
+        res["failing"] = {c.get("name"): (bad.get("message") or "")[:400] for c in suite.iter("testcase")
+                          for bad in c.findall("failure") + c.findall("error")}
     return res
 
 
@@ -295,18 +281,14 @@ def train_once(work: Path, plan: Plan, student: str, precision: str, timeout: fl
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Step 4: the same batch, in this process: each student from its checkpoint vs torchvision.
-# ----------------------------------------------------------------------------------------------
+# --- Step 4: the same batch, in this process: each student from its checkpoint vs torchvision.
 
 def to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
-    return obj
+    return obj.to(device) if torch.is_tensor(obj) else obj
 
 
 def load_student_on_cpu(ckpt_path: Path):
@@ -343,35 +325,28 @@ def torchvision_fasterrcnn(cfg, weights_file: Path):
 
 
 def time_steps(model, loss_fn, optimizer, batch, device, dtype, plan: Plan) -> dict:
-    """Median ms of a full training step, and the peak CUDA memory of the timed steps."""
+    """Median ms of a full training step (synchronised), and the peak CUDA memory of the timed ones."""
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    cuda, times, losses = device.type == "cuda", [], []
     model.train()
-
-    def step():
+    for k in range(plan.warmup + plan.timed):
+        if k == plan.warmup and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             total = loss_fn(model(*batch))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
-        return total
-
-    for _ in range(plan.warmup):
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(plan.timed):
-        t0 = time.perf_counter()
-        total = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    ms = 1000 * statistics.median(times)
+        losses.append(float(total.detach()))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    ms = 1000 * statistics.median(times[plan.warmup:])
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return {"ms_per_step": round(ms, 1), "images_per_s": round(1000 * len(batch[0]) / ms, 2),
-            "peak_mem_mb": round(peak) if peak else None, "last_total_loss": float(total.detach())}
+            "peak_mem_mb": round(peak) if peak else None, "last_total_loss": losses[-1]}
 
 
 def same_batch(work: Path, plan: Plan, device: torch.device, precisions: list[str], report) -> dict:
@@ -432,38 +407,31 @@ def paper_schedule(train: dict) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# main: the steps in order, the JSON rewritten after each.
-# ----------------------------------------------------------------------------------------------
+# --- main: the steps in order, the JSON rewritten after each.
 
 def device_info(device: torch.device) -> dict:
     info = {"type": device.type, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gb=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
-                    bf16_supported=torch.cuda.is_bf16_supported(), gpu_count=torch.cuda.device_count())
-    else:
-        info["name"] = "cpu"
-    return info
+    if device.type != "cuda":
+        return {**info, "name": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    return {**info, "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "cudnn": torch.backends.cudnn.version(),
+            "bf16_supported": torch.cuda.is_bf16_supported(), "gpu_count": torch.cuda.device_count()}
 
 
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    (tmp := path.with_name(f".{path.name}.tmp")).write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a kill leaves the previous version
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (CI)")
-    parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/gpu.json; "
-                                                  "with --dry-run <temp dir>/gpu.json)")
-    parser.add_argument("--work", type=Path, help="folder for the generated data and runs "
-                                                   "(default: a temp dir, removed at the end)")
+    parser.add_argument("--out", type=Path, help="result JSON (see the module docstring)")
+    parser.add_argument("--work", type=Path, help="data and runs (default: a temp dir, removed)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip trainings that would start after this many seconds")
     parser.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py")
@@ -490,46 +458,39 @@ def main(argv=None) -> int:
         result["wall_s"] = round(time.time() - t0, 1)
         write_json(out, result)
 
-    def phase(key, fn):
-        """Run one step; a failure is recorded (with its message) and the script goes on."""
+    def phase(key, fn, store=report) -> bool:
+        """Run one step and store its result; an exception or a non-zero exit status is recorded
+        in ``errors`` (the exit status) and the script goes on. Returns whether it succeeded."""
         print(f"gpu_check: {key} ({time.time() - t0:.0f} s)", flush=True)
         try:
-            report(key, fn())
-        except Exception as e:  # every failure ends up in the JSON and the exit status
-            result["errors"].append(f"{key}: {type(e).__name__}: {e}")
-            report(key, {"error": f"{type(e).__name__}: {e}"})
-            return False
-        return True
+            res = fn()
+        except Exception as e:  # every failure ends up in the JSON
+            res = {"error": f"{type(e).__name__}: {e}"}
+        bad = res.get("error") or (res.get("returncode", 0) != 0 and f"returncode {res['returncode']}")
+        if bad:
+            result["errors"].append(f"{key}: {bad}")
+        store(key, res)
+        return not bad
 
     # Every run's config must load before anything is spent (a wrong key fails here, in CI).
-    for student in CONFIGS:
-        for p in PRECISIONS:
-            config.load_config(CONFIGS[student], run_overrides(work, plan, student, p))
+    for student, p in ((s, p) for s in CONFIGS for p in PRECISIONS):
+        config.load_config(CONFIGS[student], run_overrides(work, plan, student, p))
     if not args.skip_tests:
         phase("tests", lambda: run_device_tests(work, min(180, left()), env))
-    root = work / "coco"
-    root.mkdir(exist_ok=True)
-
-    ok = phase("data", lambda: write_inputs(root, plan))
-    ok = ok and phase("knowledge", lambda: run_cmd(
+    (root := work / "coco").mkdir(exist_ok=True)
+    ok = phase("data", lambda: write_inputs(root, plan)) and phase("knowledge", lambda: run_cmd(
         [sys.executable, "-m", "knowledge", "--config", str(CONFIGS["faster_rcnn"]),
          "--set", *common_overrides(work, plan)], left(), env))
-    if ok and result["knowledge"]["returncode"] != 0:
-        result["errors"].append("knowledge: python -m knowledge failed (output_tail)")
-        ok = False
 
     train = {s: {} for s in CONFIGS}
-    order = [(p, s) for p in precisions for s in CONFIGS]
-    for k, (p, student) in enumerate(order):
+    for k, (p, student) in enumerate((p, s) for p in precisions for s in CONFIGS):
         if k == len(CONFIGS) and ok:  # after the fp32 runs: the same-batch timings
             phase("same_batch", lambda: same_batch(work, plan, device, precisions, report))
         if not ok or left() < 45:
             train[student][p] = {"skipped": "inputs failed" if not ok else "time budget"}
         else:
-            res = train_once(work, plan, student, p, left() + 60, env)
-            train[student][p] = res
-            if res["returncode"] != 0:
-                result["errors"].append(f"train {student} {p}: returncode {res['returncode']}")
+            phase(f"train {student} {p}", lambda: train_once(work, plan, student, p, left() + 60, env),
+                  store=lambda key, res: train[student].update({p: res}))
         report("train", train)
     if ok and "same_batch" not in result:
         phase("same_batch", lambda: same_batch(work, plan, device, precisions, report))
