@@ -39,7 +39,6 @@ this measures speed, memory and plumbing, not accuracy.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -163,11 +162,9 @@ def make_coco(root: Path, plan: Plan) -> dict:
 def save_random_clip(path: Path, dims: tuple) -> dict:
     """A clip.model.CLIP with random weights saved as OpenAI does (fp16 state dict)."""
     torch.manual_seed(0)
-    model = clip.model.CLIP(*dims)
-    clip.model.convert_weights(model)
-    state = model.state_dict()
-    torch.save(state, path)
-    rebuilt = clip.model.build_model(copy.deepcopy(state))  # what clip.load does with the file
+    clip.model.convert_weights(model := clip.model.CLIP(*dims))
+    torch.save(model.state_dict(), path)
+    rebuilt = clip.model.build_model(torch.load(path))  # what clip.load does with the file
     return {"dims": list(dims), "params_m": round(sum(p.numel() for p in rebuilt.parameters()) / 1e6, 1)}
 
 
@@ -236,8 +233,7 @@ def run_device_tests(work: Path, timeout: float, env: dict) -> dict:
     xml = work / "cuda_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py",
            "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    res = run_cmd(cmd, timeout, env)
-    res["command"] = "pytest -m cuda tests/test_cuda.py"
+    res = {"command": "pytest -m cuda tests/test_cuda.py", **run_cmd(cmd, timeout, env)}
     if xml.is_file():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -352,15 +348,13 @@ def time_steps(model, loss_fn, optimizer, batch, device, dtype, plan: Plan) -> d
 def same_batch(work: Path, plan: Plan, device: torch.device, precisions: list[str], report) -> dict:
     """Step 4; ``report(key, value)`` stores partial results as they come."""
     out = {"timed_steps": plan.timed, "untimed_steps": plan.warmup}
-    students = {s: work / "runs" / f"gpu_check_{s}_fp32" / "ckpt.pth" for s in CONFIGS}
-    students = {s: p for s, p in students.items() if p.is_file()}
+    students = {s: p for s in CONFIGS if (p := work / "runs" / f"gpu_check_{s}_fp32" / "ckpt.pth").is_file()}
     if not students:
         raise RuntimeError("no fp32 checkpoint to load (the fp32 trainings failed)")
     ckpt_report = {}
-    _, cfg0, _ = load_student_on_cpu(next(iter(students.values())))
+    cfg0 = config.load_config(CONFIGS["faster_rcnn"], run_overrides(work, plan, "faster_rcnn", "fp32"))
     ds = data.build_dataset(cfg0, "train", knowledge=True)
-    samples = [ds[(i, i)] for i in range(cfg0.train.batch_size)]
-    images, targets = to_device(data.collate(samples), device)
+    images, targets = to_device(data.collate([ds[(i, i)] for i in range(cfg0.train.batch_size)]), device)
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
     out["batch"] = {"images": len(images), "shapes": [list(i.shape) for i in images],
                     "gt_boxes": [len(t["boxes"]) for t in targets]}
@@ -381,7 +375,7 @@ def same_batch(work: Path, plan: Plan, device: torch.device, precisions: list[st
         params = [p for p in model.parameters() if p.requires_grad]
         opt = (torch.optim.AdamW(params, lr=1e-6) if cfg.train.optimizer == "adamw"
                else torch.optim.SGD(params, lr=1e-4, momentum=0.9))
-        loss_fn = lambda o: sum(weights[k] * v.float() for k, v in o.items() if k.startswith("loss_"))  # noqa: E731
+        loss_fn = lambda o: sum(weights[k] * v.float() for k, v in o.items() if k in weights)  # noqa: E731
         res = {}
         for p in precisions:
             res[p] = time_steps(model, loss_fn, opt, (images, targets), device, PRECISIONS[p][1], plan)
@@ -440,8 +434,7 @@ def main(argv=None) -> int:
     plan = DRY if args.dry_run else FULL
     device = devices.resolve_device(plan.device)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    work = args.work or tmp / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    (work := args.work or tmp / "work").mkdir(parents=True, exist_ok=True)
     out = args.out or (tmp / "gpu.json" if args.dry_run else REPO / "bench" / "results" / "gpu.json")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if args.dry_run:  # shared CPU cores: one thread per process (tests/conftest.py one_thread)
@@ -459,8 +452,7 @@ def main(argv=None) -> int:
         write_json(out, result)
 
     def phase(key, fn, store=report) -> bool:
-        """Run one step and store its result; an exception or a non-zero exit status is recorded
-        in ``errors`` (the exit status) and the script goes on. Returns whether it succeeded."""
+        """Run and store one step; an exception or exit status != 0 goes to errors; ok or not."""
         print(f"gpu_check: {key} ({time.time() - t0:.0f} s)", flush=True)
         try:
             res = fn()
@@ -498,7 +490,6 @@ def main(argv=None) -> int:
     if args.work is None:
         shutil.rmtree(tmp / "work", ignore_errors=True)
     summary = {"out": str(out), "wall_s": result["wall_s"], "errors": result["errors"],
-               "tests": {k: result.get("tests", {}).get(k) for k in ("passed", "failed", "skipped")},
                "images_per_s": {s: {p: r.get("images_per_s") for p, r in runs.items()}
                                 for s, runs in train.items()}}
     print(f"gpu_check: done {json.dumps(summary)}")  # one line: tests/test_gpu_check.py reads it

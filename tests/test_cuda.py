@@ -158,8 +158,9 @@ def amp_step(student, resnet50_file, dtype):
     first = None
     for tries in range(1, 25):
         losses, total = losses_and_total(model, weights, batch, dtype)
-        assert all(math.isfinite(float(v)) for v in losses.values()), {k: float(v) for k, v in losses.items()}
-        first = float(total) if first is None else first
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        assert all(map(math.isfinite, values.values())), values
+        first = float(total.detach()) if first is None else first
         opt.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
