@@ -155,8 +155,7 @@ def make_coco(root: Path, plan: Plan) -> dict:
             (root / "annotations" / "captions_train2017.json").write_text(
                 json.dumps({"images": images, "annotations": caps}))
     ov_coco.build_ov_coco(root)  # the OV-COCO 48/17 files
-    return {"train_images": plan.num_train, "val_images": plan.num_val, "size_wh": list(plan.image),
-            "boxes": len(anns)}
+    return {"train_images": plan.num_train, "val_images": plan.num_val, "size_wh": list(plan.image)}
 
 
 def save_random_clip(path: Path, dims: tuple) -> dict:
