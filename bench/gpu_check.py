@@ -456,7 +456,7 @@ def main(argv=None) -> int:
         try:
             res = fn()
         except Exception as e:  # every failure ends up in the JSON
-            res = {"error": f"{type(e).__name__}: {e}"}
+            res = {**result.get(key, {}), "error": f"{type(e).__name__}: {e}"}  # keeps partial results
         bad = res.get("error") or (res.get("returncode", 0) != 0 and f"returncode {res['returncode']}")
         if bad:
             result["errors"].append(f"{key}: {bad}")
