@@ -42,9 +42,14 @@ def test_same_seed_same_bytes_parallel_or_not(tmp_path):
         assert png_a.read_bytes() == png_b.read_bytes()
 
 
+# The spec's world (shapes_ov/README.md §1): config.yaml's realism knobs (§1.3) off.
+SPEC_WORLD = ["world.distractor_classes=[]", "world.novel_weight=1.0", "world.caption_coverage=1.0",
+              "world.caption_wrong_noun=0.0", "world.caption_vague=0.0"]
+
+
 def test_coco_round_trip(tmp_path):
     from pycocotools.coco import COCO
-    cfg = tiny_cfg(tmp_path, "world.num_val=24")
+    cfg = tiny_cfg(tmp_path, "world.num_val=24", *SPEC_WORLD)
     world.build_dataset(cfg)
     paths = world.dataset_paths(cfg)
     train, val, caps = (COCO(str(paths[k])) for k in ("train_ann", "val_ann", "captions"))
@@ -77,6 +82,24 @@ def test_coco_round_trip(tmp_path):
             assert names[cat] in words or shapes.plural(names[cat]) in words, (names[cat], texts)
             saw_novel |= cat >= num_base
     assert saw_novel
+
+
+def test_config_yaml_captions_leave_objects_unnamed(tmp_path):
+    """The default world's captions name only some objects (world.caption_coverage < 1, §1.3)."""
+    from pycocotools.coco import COCO
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.world.caption_coverage < 1 and cfg.world.distractor_classes
+    world.build_dataset(cfg)
+    caps = COCO(str(world.dataset_paths(cfg)["captions"]))
+    names = config.class_names(cfg)
+    unnamed = 0
+    for image_id in caps.getImgIds():
+        words = " ".join(a["caption"] for a in caps.loadAnns(caps.getAnnIds(imgIds=image_id))).split()
+        rng = np.random.default_rng([cfg.world.seed, world.SPLITS["train"], image_id])
+        _, objects = shapes.render_scene(rng, cfg.world, names)
+        unnamed += sum(names[o["category"]] not in words and shapes.plural(names[o["category"]]) not in words
+                       for o in objects if 0 <= o["category"] < len(names))
+    assert unnamed > 0
 
 
 def test_scene_limits():
