@@ -1,18 +1,10 @@
-"""Shared test setup: the repository root on sys.path (the project is a flat set of modules, not
-an installed package), and a tiny Shapes-OV world built once per test session."""
-import sys
+"""Shared test setup: a tiny Shapes-OV world built once per test session. (The repository root is
+on sys.path through pytest.ini's ``pythonpath``; the ``cuda`` marker is registered there too.)"""
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def pytest_configure(config):
-    """Markers: ``cuda`` tests need a CUDA device and skip without one (tests/test_cuda.py;
-    bench/gpu_check.py runs ``pytest -m cuda tests/test_cuda.py`` on a GPU machine)."""
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
 
 
 def tiny_overrides(root: Path) -> list[str]:

@@ -15,7 +15,7 @@ from conftest import REPO
 from knowledge.pseudo_labels import build_noun_matcher
 from shapes_ov import clip_pretrain, shapes, world
 
-from bench import ablation  # bench/ is a namespace package under the root conftest puts on sys.path
+from bench import ablation  # bench/ is a namespace package under the repository root (pytest.ini)
 
 TINY = ["world.num_train=40", "world.num_val=16", "world.workers=1"]
 # The spec's world (shapes_ov/README.md §1) on which each knob is measured alone: config.yaml,

@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -191,7 +190,6 @@ def test_peak_memory_does_not_grow_with_the_folder(small_ckpt, tmp_path):
     """Peak RSS of a 300-image run within 1.2x of a 30-image one (subprocesses, ru_maxrss)."""
     script = textwrap.dedent(f"""
         import resource, sys, torch
-        sys.path.insert(0, {str(REPO)!r})
         torch.set_num_threads(1)
         import predict
         predict.main([{str(small_ckpt)!r}, "--images", sys.argv[1], "--out", sys.argv[2],
@@ -205,7 +203,7 @@ def test_peak_memory_does_not_grow_with_the_folder(small_ckpt, tmp_path):
         for i in range(n):
             Image.fromarray(scene(64, 48, seed=i)).save(folder / f"{i:04d}.png")
         done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / f"out{n}")],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, cwd=REPO)  # imports the project
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[n] = int(done.stdout.split()[-1])
         assert len(json.loads((tmp_path / f"out{n}" / "dataset.json").read_text())["images"]) == n

@@ -3,15 +3,12 @@ phase with positive seconds and FLOPs (the world render has none: PIL drawing), 
 FLOPs scale with train.max_steps (2 steps there, 4 in a second run on the same world read back
 with --from-run)."""
 import json
-import sys
 
 import pytest
 
 import train
+from bench import quickstart  # bench/ is a namespace package under the repository root
 from conftest import REPO, tiny_overrides
-
-sys.path.insert(0, str(REPO / "bench"))
-import quickstart  # noqa: E402
 
 TINY_CLIP = ["clip_pretrain.embed_dim=32", "clip_pretrain.image_resolution=32",  # fast steps
              "clip_pretrain.vision_layers=1", "clip_pretrain.vision_width=64",
