@@ -34,8 +34,7 @@ Contract
   -> (logits (B, N), deltas (B, N, 4), anchors B x (N, 4), anchors per level); N over all levels.
 * ``train_proposal_net(cfg, device)`` -> (net, info) after ``max_steps`` steps (never a time budget:
   the same seed gives the same network on a quiet or a busy machine).
-* ``warmup_cosine(optimizer, warmup_steps, max_steps)``: the LR schedule of this network and of
-  the Shapes-OV teacher (shapes_ov/clip_pretrain.py).
+* ``warmup_cosine(optimizer, warmup_steps, max_steps)``: this network's LR schedule.
 * ``propose(net, images, image_sizes, ...)`` -> list of (boxes (k, 4) xyxy in the input frame,
   scores (k,)), sorted by score, after clipping, the minimum side, class-agnostic NMS and top-k.
 * ``load_proposal_file(path, coco, ...)`` -> {image id: boxes (k, 4) original pixels}.
@@ -198,7 +197,7 @@ def proposal_losses(net, logits, deltas, anchors, gt_boxes, pcfg) -> dict:
 
 
 def warmup_cosine(optimizer, warmup_steps: int, max_steps: int):
-    """LR schedule of the two auxiliary trainings (this teacher, knowledge/proposals.py): linear
+    """LR schedule of the proposal network (shapes_ov/clip_pretrain.py writes the same inline): linear
     warm-up from lr/warmup_steps to lr over ``warmup_steps`` steps, then cosine to 0 at
     ``max_steps`` (torch's schedulers, stepped once per optimizer step)."""
     sched = torch.optim.lr_scheduler

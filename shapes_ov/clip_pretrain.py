@@ -44,7 +44,6 @@ from PIL import Image
 import config as config_lib
 import devices
 import rundir
-from knowledge.proposals import warmup_cosine
 from knowledge.clip_io import load_clip, text_embeddings
 from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_captions,
                               parallel_map, render_scene)
@@ -206,7 +205,12 @@ def pretrain_clip(cfg, pool: dict, ckpt_path: str | Path | None = None):
                             fused=device.type == "cuda" or _TORCH_VERSION >= (2, 4))  # CPU: 2.4+
     n_single = round(pre.batch_size * pre.single_fraction)
     n_scene = pre.batch_size - n_single
-    schedule = warmup_cosine(opt, pre.warmup_steps, pre.max_steps)
+    # linear warm-up from lr / warmup_steps, then cosine to 0 at max_steps (stepped per step)
+    sched = torch.optim.lr_scheduler
+    schedule = sched.SequentialLR(opt, [
+        sched.LinearLR(opt, 1 / pre.warmup_steps, 1.0, total_iters=max(pre.warmup_steps - 1, 1)),
+        sched.CosineAnnealingLR(opt, T_max=max(pre.max_steps - pre.warmup_steps, 1))],
+        milestones=[pre.warmup_steps])
     use_amp = devices.resolve_amp(pre.amp, device)  # "auto": bf16 only where native
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
     start, losses, first = time.time(), [], 1
