@@ -69,6 +69,22 @@ from shapes_ov.shapes import (SPLITS, category_probs, drawable_classes, make_cap
 # ----------------------------------------------------------------------------------------------
 
 
+def _split_probs(cfg, split: str):
+    """The category draw of ``split``: world.novel_weight thins novel objects out of TRAIN images
+    only; val keeps every class equally frequent, so novel AP is measured on as many boxes."""
+    return category_probs(len(cfg.data.base_classes), len(cfg.data.novel_classes),
+                          len(cfg.world.distractor_classes),
+                          cfg.world.novel_weight if split == "train" else 1.0)
+
+
+def render_image(cfg, split: str, index: int):
+    """Image ``index`` (1-based) of ``split`` exactly as the world drew it: (PIL image, objects),
+    every object there, the unannotated ones too. An object's ``category`` indexes
+    ``drawable_classes(cfg.world, class_names(cfg))``: the vocabulary, then the distractors."""
+    rng = np.random.default_rng([cfg.world.seed, SPLITS[split], index])
+    return render_scene(rng, cfg.world, config_lib.class_names(cfg), _split_probs(cfg, split))
+
+
 def _render_image_job(job):
     """Worker: render image ``index`` of ``split``, save its PNG, return objects and captions."""
     world, names, probs, split, index, folder = job
@@ -179,11 +195,8 @@ def build_dataset(cfg) -> None:
                               ("val", cfg.world.num_val, "val_images")):
         folder = paths[key]
         folder.mkdir(parents=True, exist_ok=True)
-        # world.novel_weight thins novel objects out of TRAIN images only: val keeps every class
-        # equally frequent, so novel AP is measured on as many boxes as before
-        probs = category_probs(num_base, num_novel, len(cfg.world.distractor_classes),
-                               cfg.world.novel_weight if split == "train" else 1.0)
-        jobs = [(cfg.world, names, probs, split, i, str(folder)) for i in range(1, count + 1)]
+        jobs = [(cfg.world, names, _split_probs(cfg, split), split, i, str(folder))
+                for i in range(1, count + 1)]
         results = parallel_map(_render_image_job, jobs, cfg.world.workers, f"render {split}")
         if split == "train":
             _write_json(paths["captions"], _coco_captions(cfg, results))
