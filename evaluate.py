@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 import torch.distributed as dist
 from matplotlib.patches import Rectangle
 from pycocotools.cocoeval import COCOeval
@@ -182,7 +183,7 @@ def detections_to_coco(dets: list[dict], targets: list[dict], label_to_cat_id) -
     results = []
     for det, target in zip(dets, targets):
         boxes = boxes_to_original(det["boxes"], target)  # [N, 4] xyxy orig px
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # [N, 4]
+        xywh = box_convert(boxes, "xyxy", "xywh")  # [N, 4] COCO's format
         for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
             results.append({"image_id": int(target["image_id"]),
                             "category_id": int(label_to_cat_id[label]),
@@ -399,6 +400,11 @@ def plot_pr_curves(pr_curves: dict, png) -> None:
     _save(fig, png)
 
 
+# The distillation terms named by their hierarchy in the loss-curve legend (docs/METHOD.md §6).
+CURVE_LABELS = {"loss_skd_scaled": "H1 skd", "loss_rkd_scaled": "H1 rkd", "loss_img_scaled": "H3 img",
+                "loss_text_skd_scaled": "H2 text skd", "loss_text_rkd_scaled": "H2 text rkd"}
+
+
 def plot_loss_curves(log_jsonl, png) -> None:
     """One line per scaled loss term (``loss_*_scaled``) and the total against the step, log scale,
     from train.py's ``log.jsonl`` (its "train" lines)."""
@@ -413,7 +419,7 @@ def plot_loss_curves(log_jsonl, png) -> None:
         points = [(r["step"], r[key]) for r in rows if r.get(key, 0) > 0]  # log scale: positives
         if points:
             ax.plot(*zip(*points), lw=2 if key == "total" else 1.2, color="black" if key == "total" else None,
-                    label=key.removeprefix("loss_").removesuffix("_scaled"))
+                    label=CURVE_LABELS.get(key, key).removeprefix("loss_").removesuffix("_scaled"))
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("weighted loss")

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 import config as config_lib
 import devices
@@ -117,8 +117,8 @@ def _gt_boxes(coco, info, cat_ids=None, crowd: bool = True):
     image's annotations in file order, optionally only of ``cat_ids`` and without crowd regions."""
     anns = [a for a in coco.imgToAnns[info["id"]]
             if (cat_ids is None or a["category_id"] in cat_ids) and (crowd or not a.get("iscrowd", 0))]
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+    boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                        "xywh", "xyxy")
     size = torch.tensor([info["width"], info["height"]], dtype=torch.float32)
     lo = torch.minimum(boxes[:, :2].clamp(min=0), size - 1)
     hi = torch.minimum(torch.maximum(boxes[:, 2:], lo + 1), size)  # degenerate boxes get 1 px

@@ -70,7 +70,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.ops import box_iou, clip_boxes_to_image, nms
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import devices
@@ -339,8 +339,7 @@ def recall(proposals: dict, coco, cat_ids, iou: float = 0.5) -> tuple[int, int]:
               if a["category_id"] in cat_ids and not a.get("iscrowd", 0)]
         if not gt:
             continue
-        gt = torch.tensor(gt, dtype=torch.float32)
-        gt[:, 2:] += gt[:, :2]  # xywh -> xyxy
+        gt = box_convert(torch.tensor(gt, dtype=torch.float32), "xywh", "xyxy")
         total += len(gt)
         if len(boxes):
             covered += int((box_iou(gt, boxes.float()).max(1).values >= iou).sum())

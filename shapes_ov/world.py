@@ -180,7 +180,7 @@ def _dataset_built(cfg) -> bool:
     return True
 
 
-def build_dataset(cfg) -> None:
+def render_dataset(cfg) -> None:
     """Render train/val images and write the four COCO JSON files (always rebuilds)."""
     names = config_lib.class_names(cfg)
     both = set(names) & set(cfg.world.distractor_classes)
@@ -190,7 +190,6 @@ def build_dataset(cfg) -> None:
     for n in drawable_classes(cfg.world, names):
         shape_polygons(n, np.random.default_rng(0))  # fail early on an unknown class name
     paths = dataset_paths(cfg)
-    num_base, num_novel = len(cfg.data.base_classes), len(cfg.data.novel_classes)
     for split, count, key in (("train", cfg.world.num_train, "train_images"),
                               ("val", cfg.world.num_val, "val_images")):
         folder = paths[key]
@@ -231,7 +230,7 @@ def build_world(cfg, force: bool = False) -> dict:
     dataset_seconds = None  # recorded in teacher/timing.json when both are built in this call
     if force or not _dataset_built(cfg):
         t = time.time()
-        build_dataset(cfg)
+        render_dataset(cfg)
         dataset_seconds = time.time() - t
         print(f"world: dataset written to {cfg.data.root} in {dataset_seconds:.1f}s")
     stats_path = teacher_path(cfg).with_name("pretrain_stats.json")

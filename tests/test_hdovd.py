@@ -207,7 +207,7 @@ def test_all_hierarchies_off_needs_no_knowledge_and_gives_detection_losses_only(
 
 @pytest.mark.parametrize("switch", ["distill.instance=true", "distill.class_wise=true", "distill.image=true"],
                          ids=["H1", "H2", "H3"])
-def test_hierarchy_without_knowledge_names_teacher_py(switch):
+def test_a_hierarchy_without_knowledge_says_which_command_builds_it(switch):
     _, model = build(*ALL_OFF, switch)
     images, targets = make_batch(model.class_embeddings, knowledge=False)
     model.train()

@@ -58,7 +58,7 @@ def test_defaults_leave_the_world_info_as_before_the_knobs():
 
 def test_distractors_are_drawn_named_but_never_annotated(tmp_path):
     cfg = cfg_of(f"data.root={tmp_path}", *LOOKALIKES_OUT)
-    world.build_dataset(cfg)
+    world.render_dataset(cfg)
     num_vocab = len(config.class_names(cfg))
     objects = [o for objs, _ in scenes(cfg) for o in objs]
     assert any(o["category"] >= num_vocab for o in objects)  # squares and triangles are there
@@ -72,12 +72,12 @@ def test_distractors_are_drawn_named_but_never_annotated(tmp_path):
     matcher = build_noun_matcher(cfg)  # ... by words no vocabulary noun matches
     assert not {"square", "triangle"} & {n for c in captions for n in matcher.find(c["caption"])}
     with pytest.raises(ValueError, match="in no vocabulary"):
-        world.build_dataset(cfg_of(f"data.root={tmp_path}", "world.distractor_classes=[ring]"))
+        world.render_dataset(cfg_of(f"data.root={tmp_path}", "world.distractor_classes=[ring]"))
 
 
 def test_novel_weight_thins_novel_objects_out_of_train_only(tmp_path):
     cfg = cfg_of(f"data.root={tmp_path}", "world.novel_weight=0")
-    world.build_dataset(cfg)
+    world.render_dataset(cfg)
     nb = len(cfg.data.base_classes)
     paths = world.dataset_paths(cfg)
     train_all = json.loads(paths["train_all_ann"].read_text())["annotations"]

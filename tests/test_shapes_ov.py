@@ -32,7 +32,7 @@ def test_same_seed_same_bytes_parallel_or_not(tmp_path):
     b = tiny_cfg(tmp_path / "b", "world.workers=2")  # parallel render must not change a byte
     c = tiny_cfg(tmp_path / "c", "world.seed=1")
     for cfg in (a, b, c):
-        world.build_dataset(cfg)
+        world.render_dataset(cfg)
     for key in ("train_ann", "val_ann", "captions"):
         pa, pb, pc = (world.dataset_paths(cfg)[key].read_bytes() for cfg in (a, b, c))
         assert pa == pb, key
@@ -50,7 +50,7 @@ SPEC_WORLD = ["world.distractor_classes=[]", "world.novel_weight=1.0", "world.ca
 def test_coco_round_trip(tmp_path):
     from pycocotools.coco import COCO
     cfg = tiny_cfg(tmp_path, "world.num_val=24", *SPEC_WORLD)
-    world.build_dataset(cfg)
+    world.render_dataset(cfg)
     paths = world.dataset_paths(cfg)
     train, val, caps = (COCO(str(paths[k])) for k in ("train_ann", "val_ann", "captions"))
     names = config.class_names(cfg)
@@ -89,7 +89,7 @@ def test_config_yaml_captions_leave_objects_unnamed(tmp_path):
     from pycocotools.coco import COCO
     cfg = tiny_cfg(tmp_path)
     assert cfg.world.caption_coverage < 1 and cfg.world.distractor_classes
-    world.build_dataset(cfg)
+    world.render_dataset(cfg)
     caps = COCO(str(world.dataset_paths(cfg)["captions"]))
     names = config.class_names(cfg)
     unnamed = 0
