@@ -477,7 +477,8 @@ def main(argv=None):
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
-        vocabulary = read_vocabulary_file(args.vocabulary_file) if args.vocabulary_file else args.vocabulary
+        vocabulary = (read_vocabulary_file(args.vocabulary_file) if args.vocabulary_file else
+                      None if args.vocabulary is None else parse_vocabulary(args.vocabulary))  # names the flag
         summary = detect_images(args.checkpoint, args.images, vocabulary, args.out, args.overrides,
                                 args.score_thresh, args.device, args.batch_size,
                                 not args.no_pictures, args.save_vocabulary)

@@ -47,12 +47,14 @@ from PIL import Image
 import config
 import data
 import evaluate
+import predict
 import train
 from conftest import REPO
 from knowledge import extract
 from shapes_ov import world
 
 CONFIG = REPO / "config.yaml"
+NUM_CLASSES = len(config.class_names(config.load_config(CONFIG)))
 
 
 def _error(cli, argv, *patterns) -> str:
@@ -284,8 +286,8 @@ def test_resume_from_a_foreign_checkpoint(copy, checkpoint, change, problem):
 @pytest.mark.parametrize("overrides, problem", [
     (["model.representation_size=64"], r"do not fit the model built from its config .*cannot be "
                                         r"used with this checkpoint"),
-    (["data.novel_classes=[ring]"], r"trained on 16 classes but the config names 13 .*detect other "
-                                    r"names with --images \.\.\. --vocabulary"),
+    (["data.novel_classes=[ring]"], rf"trained on {NUM_CLASSES} classes but the config names "
+                                    rf"{NUM_CLASSES - 3} .*detect other names with predict\.py --vocabulary"),
     ("damaged", r"cannot read checkpoint '.*ckpt\.pth' .*complete train\.py checkpoint")],
     ids=["other-width", "other-vocabulary-size", "damaged"])
 def test_evaluate_checkpoint_that_does_not_fit(checkpoint, tmp_path, overrides, problem):
@@ -316,15 +318,15 @@ def test_config_mistakes(argv, problem):
     ("train", ["data.novel_classes=[ring,ring,rectangle,trapezoid]"],
      r"name \['ring'\] more than once; list each class once"),
     ("train", ["data.base_classes=[]"], r"data\.base_classes is empty; list the classes"),
-    ("evaluate", ["--vocabulary", " , "], r"--vocabulary ' , ' holds no class names; give names"),
-    ("evaluate", ["--vocabulary", "cat,dog,Cat"], r"--vocabulary names \['Cat', 'cat'\] more than once")],
+    ("predict", ["--vocabulary", " , "], r"--vocabulary ' , ' holds no class names; give names"),
+    ("predict", ["--vocabulary", "cat,dog,Cat"], r"--vocabulary names \['Cat', 'cat'\] more than once")],
     ids=["duplicate-class", "no-base-class", "empty-vocabulary", "duplicate-vocabulary"])
 def test_vocabulary_mistakes(tiny_world, checkpoint, cli, argv, problem):
     if cli == "train":
         _error(train.cli, _train(tiny_world, *argv), problem)
     else:
         image = str(_path(tiny_world, "data.root") / "val" / "000001.png")
-        _error(evaluate.main, [str(checkpoint), "--images", image, *argv], problem)
+        _error(predict.main, [str(checkpoint), "--images", image, *argv], problem)
 
 
 # ------------------------------------------------------------------------------------------------
