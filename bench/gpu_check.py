@@ -163,7 +163,7 @@ def save_random_clip(path: Path, dims: tuple) -> dict:
     torch.manual_seed(0)
     clip.model.convert_weights(model := clip.model.CLIP(*dims))
     torch.save(model.state_dict(), path)
-    rebuilt = clip.model.build_model(torch.load(path))  # what clip.load does with the file
+    rebuilt = clip.model.build_model(torch.load(path, weights_only=True))  # what clip.load does with the file
     return {"dims": list(dims), "params_m": round(sum(p.numel() for p in rebuilt.parameters()) / 1e6, 1)}
 
 

@@ -407,7 +407,7 @@ def test_normalisers_are_means_over_processes(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_normaliser_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     calls = [r["calls"] for r in runs]
     assert len(calls[0]) == len(calls[1]) == 3  # generator main, generator aux, stage N
     for (in0, out0), (in1, out1) in zip(*calls):

@@ -111,7 +111,7 @@ def test_ov_coco_config_trains_two_steps(tiny_coco, tmp_path):
     ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["backbone"] == "resnet50"
     # frozen stem and stage 1 (official frozen_stages=1) did not move
-    saved = torch.load(tiny_coco / "resnet50.pth")
+    saved = torch.load(tiny_coco / "resnet50.pth", weights_only=True)
     assert torch.equal(ckpt["model"]["detector.backbone.body.conv1.weight"], saved["conv1.weight"])
     assert extract.knowledge_is_built(cfg)
 

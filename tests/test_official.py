@@ -146,7 +146,7 @@ def test_coco_config_trains_two_steps_from_the_official_files(layout, tmp_path, 
     assert all(math.isfinite(r["loss_skd"]) and math.isfinite(r["loss_img"])
                for r in logged if r["kind"] == "train")
     ckpt = torch.load(run_dir / "ckpt.pth", map_location="cpu", weights_only=True)
-    detpro = F.normalize(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS).float(), dim=-1)
+    detpro = F.normalize(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS, weights_only=True).float(), dim=-1)
     torch.testing.assert_close(ckpt["model"]["class_embeddings"], detpro)  # the DetPro rows, in order
     assert not data.knowledge_dir(cfg).exists()  # nothing extracted, nothing written
 
@@ -155,7 +155,7 @@ def test_adamixer_generator_reads_the_official_whole_entity_text(layout):
     cfg = config.load_config(REPO / "configs" / "ov_coco_adamixer_r50.yaml",
                              overrides(layout))
     model = hdovd.build_hdovd(cfg, *clip_io.class_texts(cfg))  # no class_embeddings.pt: the DetPro files
-    whole_entity = F.normalize(torch.load(layout["resources"] / official.OBJECTNESS_EMBEDDING).float()[0], dim=-1)
+    whole_entity = F.normalize(torch.load(layout["resources"] / official.OBJECTNESS_EMBEDDING, weights_only=True).float()[0], dim=-1)
     torch.testing.assert_close(model.detector.generator.objectness_text, whole_entity)
     assert not data.knowledge_dir(cfg).exists()
 
@@ -167,7 +167,7 @@ def test_values_read_reach_the_model_unchanged(layout):
     _, target = ds[i]
     know = target["knowledge"]
     info = ds.image_info(i)
-    raw = torch.load(layout["resources"] / official.EMBEDDING_DIR / "000000000001.pth")
+    raw = torch.load(layout["resources"] / official.EMBEDDING_DIR / "000000000001.pth", weights_only=True)
     unit = lambda x: F.normalize(x.float(), dim=-1)
     torch.testing.assert_close(know["image_emb"], unit(raw["clip_full_image_embedding"])[0])
     # rows by annotation id: the 0.5 px box (row 0, dropped by data.py) must not shift the others
@@ -188,7 +188,7 @@ def test_values_read_reach_the_model_unchanged(layout):
     texts, _ = clip_io.class_texts(cfg)
     model = hdovd.build_hdovd(cfg, class_embeddings=texts)
     torch.testing.assert_close(model.class_embeddings,
-                               unit(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS)))
+                               unit(torch.load(layout["resources"] / official.CLASS_EMBEDDINGS, weights_only=True)))
     rpn_t, roi_t, teachers, pseudo_texts, pseudo_weights = model.make_targets([target])
     usable = [0, 2, 3, 4, 5, 6, 7]  # box 1 is 15 px -> 30 px after the resize: not > 32
     gt = target["boxes"]
@@ -230,7 +230,7 @@ def test_missing_or_mismatched_files_name_themselves(layout, tmp_path):
         data.build_dataset(cfg, "train")
     shutil.copy(layout["resources"] / official.PROPOSALS_PKL, pkl)
     path = res / official.EMBEDDING_DIR / "000000000001.pth"
-    k = torch.load(path)
+    k = torch.load(path, weights_only=True)
     k["gt_clip_image_embedding"] = k["gt_clip_image_embedding"][:2]  # one row short
     torch.save(k, path)
     ds = data.build_dataset(cfg, "train")
