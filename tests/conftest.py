@@ -70,3 +70,14 @@ def assert_detects_the_boxes(model, images, targets) -> None:
             best = overlapping[det["scores"][overlapping].argmax()]
             assert int(det["labels"][best]) == int(label), (box.tolist(), det["labels"][overlapping].tolist())
 
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_world, tmp_path_factory):
+    """The checkpoint of a 1-step train.py run on the tiny world (plumbing, not accuracy), trained
+    once per session for the tests of evaluate.py and predict.py (they only read it)."""
+    import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train.main(["--config", str(REPO / "config.yaml"), "--set", *tiny_world,
+                f"run.out_dir={out}", "run.name=r", "train.max_steps=1"])
+    return out / "r" / "ckpt.pth"

@@ -188,18 +188,6 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
         evaluate.load_checkpoint(tmp_path / "ckpt.pth")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_world, tmp_path_factory):
-    """The checkpoint of a 1-step train.py run on the tiny world (plumbing, not accuracy)."""
-    import train
-    from conftest import REPO
-
-    out = tmp_path_factory.mktemp("tiny_run")
-    train.main(["--config", str(REPO / "config.yaml"), "--set", *tiny_world,
-                f"run.out_dir={out}", "run.name=r", "train.max_steps=1"])
-    return out / "r" / "ckpt.pth"
-
-
 def _val_images(tiny_world, n):
     import config
     from conftest import REPO

@@ -34,17 +34,6 @@ SMALL = ["model.fpn_channels=32", "model.representation_size=64", "model.rpn_pre
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_world, tmp_path_factory):
-    """The checkpoint of a 1-step train.py run on the tiny world (plumbing, not accuracy)."""
-    import train
-
-    out = tmp_path_factory.mktemp("tiny_run")
-    train.main(["--config", str(REPO / "config.yaml"), "--set", *tiny_world,
-                f"run.out_dir={out}", "run.name=r", "train.max_steps=1"])
-    return out / "r" / "ckpt.pth"
-
-
 def small_predictor(clip_model="missing/clip.pt") -> predict.Predictor:
     cfg = config.load_config(REPO / "config.yaml", SMALL + [f"teacher.clip_model={clip_model}"])
     torch.manual_seed(0)
