@@ -22,11 +22,10 @@ Files are written atomically; run again, it resumes (chunks of ``teacher.image_b
 whose files all load are never redone). ``--shard i --num-shards n`` (or torchrun's RANK/WORLD_SIZE)
 deals the chunks to processes; the shard that finds every file present writes stats.json.
 
-With ``teacher.official_resources`` nothing is extracted: ``check_official`` opens the released
-files as training will (knowledge/official.py). Letters: R boxes, C classes, T templates, D width.
+With ``teacher.official_resources`` nothing is extracted: ``check_official`` opens the released files
+as training will (knowledge/official.py). Letters: R boxes, C classes, T templates, D width.
 
-References: docs/METHOD.md §1.2-1.4, §10.2; OADP oadp/oake (objects.py, globals.py); CLIP's ImageNet
-prompt ensemble (notebooks/Prompt_Engineering_for_ImageNet.ipynb).
+References: docs/METHOD.md §1.2-1.4, §10.2; OADP oadp/oake; CLIP's ImageNet prompt ensemble notebook.
 Deviations:
 * Proposals come from a network trained here on base boxes (``proposals.py``; on COCO an
   ImageNet ResNet-50) unless a MAVL file is given; the official pickle's origin is unverified (§11).
@@ -117,8 +116,8 @@ def _gt_boxes(coco, info, cat_ids=None, crowd: bool = True):
     image's annotations in file order, optionally only of ``cat_ids`` and without crowd regions."""
     anns = [a for a in coco.imgToAnns[info["id"]]
             if (cat_ids is None or a["category_id"] in cat_ids) and (crowd or not a.get("iscrowd", 0))]
-    boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
-                        "xywh", "xyxy")
+    xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes = box_convert(xywh, "xywh", "xyxy")
     size = torch.tensor([info["width"], info["height"]], dtype=torch.float32)
     lo = torch.minimum(boxes[:, :2].clamp(min=0), size - 1)
     hi = torch.minimum(torch.maximum(boxes[:, 2:], lo + 1), size)  # degenerate boxes get 1 px
